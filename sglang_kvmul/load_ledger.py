@@ -1,0 +1,67 @@
+"""Per-rank load as the controller sees it between SGLang's load snapshots.
+
+SGLang publishes a snapshot per rank only after prefill batches, every Nth decode batch and when
+idle, so a burst dispatched in between would all see the same stale load and pile onto one rank.
+The ledger therefore adds what the controller itself sent since the snapshot, and keeps the
+queued (not yet prefilled) uncached tokens from its own predictions, drained by the snapshot's
+cumulative prefill counter. Pure bookkeeping: times are passed in, in `time.time()` seconds.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoadSnapshotView:
+    """The fields of SGLang's `LoadSnapshot` the ledger uses."""
+
+    timestamp: float
+    num_running_reqs: int
+    num_waiting_reqs: int
+    num_waiting_uncached_tokens: int
+    total_prefill_uncached_tokens: int
+
+
+@dataclass
+class RankLoad:
+    """Load of one rank: batch size and queued uncached prefill tokens."""
+
+    snap_time: float = 0.0
+    snap_reqs: int = 0
+    prefilled_seen: int = 0
+    queued_uncached: int = 0
+    recent: deque[tuple[float, int]] = field(default_factory=deque)  # (dispatch time, uncached)
+    resyncs: int = 0  # times an idle snapshot reset the queued-token ledger
+
+    @property
+    def batch_size(self) -> int:
+        """Running + waiting at the last snapshot, plus requests dispatched since."""
+        return self.snap_reqs + len(self.recent)
+
+    def on_dispatch(self, now: float, uncached: int) -> None:
+        self.recent.append((now, uncached))
+        self.queued_uncached += uncached
+
+    def on_snapshot(self, snap: LoadSnapshotView) -> bool:
+        """Fold in a snapshot; returns False if it is not newer than the last one."""
+        if snap.timestamp <= self.snap_time:
+            return False
+        self.snap_time = snap.timestamp
+        self.snap_reqs = snap.num_running_reqs + snap.num_waiting_reqs
+        done = snap.total_prefill_uncached_tokens - self.prefilled_seen
+        if done < 0:  # the scheduler restarted and its counter began again
+            done = snap.total_prefill_uncached_tokens
+        self.prefilled_seen = snap.total_prefill_uncached_tokens
+        self.queued_uncached = max(0, self.queued_uncached - done)
+        while self.recent and self.recent[0][0] <= snap.timestamp:
+            self.recent.popleft()
+        if snap.num_waiting_reqs == 0 and snap.num_waiting_uncached_tokens == 0:
+            # Nothing queued when the snapshot was taken: only what was sent since can be queued.
+            # This bounds drift from mispredicted hits and from aborted requests.
+            exact = sum(u for _, u in self.recent)
+            if exact != self.queued_uncached:
+                self.resyncs += 1
+                self.queued_uncached = exact
+        return True

@@ -1,0 +1,116 @@
+"""Start and stop a local SGLang server process (tests, demo, benchmarks).
+
+The server runs in its own process group, so stopping it kills exactly the processes it started;
+SGLang's load-snapshot files that appeared in /dev/shm during its life are removed afterwards
+(SGLang leaves them behind on every shutdown).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from sglang_kvmul.ports import free_port_range
+
+SHM_GLOB = "/dev/shm/sglang_loads_*"
+
+
+def cpu_server_args(max_total_tokens: int) -> list[str]:
+    """Flags for a CPU server with dummy weights (see the CPU notes for why each is needed)."""
+    return [
+        "--device", "cpu",
+        "--load-format", "dummy",
+        "--max-total-tokens", str(max_total_tokens),
+        "--sleep-on-idle",
+        "--skip-server-warmup",
+    ]  # fmt: skip
+
+
+@dataclass
+class LocalServer:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    shm_before: set[str] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)  # polling interval while waiting for /health, not a synchronisation
+        raise TimeoutError(f"server not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        for path in set(glob.glob(SHM_GLOB)) - self.shm_before:
+            with suppress(OSError):
+                os.remove(path)
+
+
+def start_server(
+    model_path: str | Path,
+    args: Sequence[str],
+    log_path: Path,
+    *,
+    launcher: str = "sglang_kvmul.launch_server",
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    timeout: float = 240.0,
+) -> LocalServer:
+    """Launch `python -m <launcher>` and wait until /health answers."""
+    port = port or free_port_range(1)
+    cmd = [sys.executable, "-m", launcher, "--model-path", str(model_path), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += list(args)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    shm_before = set(glob.glob(SHM_GLOB))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+        )
+    server = LocalServer(proc, port, log_path, shm_before)
+    try:
+        server.wait_ready(timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextmanager
+def running_server(
+    model_path: str | Path, args: Sequence[str], log_path: Path, **kwargs: object
+) -> Iterator[LocalServer]:
+    server = start_server(model_path, args, log_path, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,70 @@
+"""Prompts dispatched to a rank whose blocks its KV events have not confirmed yet.
+
+SGLang publishes a prompt's blocks only after its prefill, so siblings arriving meanwhile would
+not see the shared prefix. Crediting the dispatched prompt as cache keeps them together. Entries
+go when the mirror confirms them, when a later snapshot shows the rank drained its queue, or
+after `ttl` seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sglang_kvmul.mirror import Namespace
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Longest common prefix by bisection over slice equality (C-speed comparisons)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@dataclass
+class _Entry:
+    sent_at: float
+    tokens: list[int]
+    namespace: Namespace
+
+
+class PendingPrefixes:
+    """In-flight prompts of one rank."""
+
+    def __init__(self, ttl: float = 30.0, max_entries: int = 256) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: list[_Entry] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, now: float, tokens: Sequence[int], namespace: Namespace) -> None:
+        self._entries.append(_Entry(now, list(tokens), namespace))
+        if len(self._entries) > self.max_entries:
+            del self._entries[0]
+
+    def match(self, tokens: Sequence[int], namespace: Namespace) -> int:
+        best = 0
+        for e in self._entries:
+            if e.namespace == namespace:
+                best = max(best, common_prefix_len(tokens, e.tokens))
+        return best
+
+    def prune(
+        self,
+        now: float,
+        drained_before: float,
+        is_cached: Callable[[Sequence[int], Namespace], bool],
+    ) -> None:
+        """Drop expired entries, those sent before the rank's queue was seen drained, and confirmed ones."""
+        self._entries = [
+            e
+            for e in self._entries
+            if now - e.sent_at < self.ttl and e.sent_at > drained_before and not is_cached(e.tokens, e.namespace)
+        ]

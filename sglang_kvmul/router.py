@@ -1,0 +1,146 @@
+"""The kvmul routing state machine: exact per-rank cache mirrors + load ledgers + the LMetric rule.
+
+This is the one implementation of the policy. The live controller feeds it SGLang's KV events and
+load snapshots; the simulator feeds it simulated ones. No I/O, no SGLang import: events are any
+objects with SGLang's event field names (`BlockStored`, `BlockRemoved`, `AllBlocksCleared`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from sglang_kvmul.load_ledger import LoadSnapshotView, RankLoad
+from sglang_kvmul.mirror import DEFAULT_NAMESPACE, Namespace, RadixMirror, namespace_of
+from sglang_kvmul.pending import PendingPrefixes
+from sglang_kvmul.policy import kvmul_scores, pick_lowest
+from sglang_kvmul.prefix import cached_tokens
+
+
+@dataclass
+class Decision:
+    """What the router saw and chose for one request."""
+
+    rank: int
+    prompt_len: int
+    cached: list[int]  # tokens each rank would serve from cache (mirror or in-flight credit)
+    from_pending: list[bool]  # whether that figure came from an unconfirmed in-flight prompt
+    queued: list[int]
+    batch: list[int]
+    scores: list[int]
+
+    @property
+    def uncached(self) -> list[int]:
+        return [self.prompt_len - c for c in self.cached]
+
+    @property
+    def predicted_cached(self) -> int:
+        return self.cached[self.rank]
+
+
+@dataclass
+class RouterStats:
+    decisions: int = 0
+    events_applied: int = 0
+    orphan_stores: int = 0
+    unknown_events: int = 0
+    clears: int = 0
+    per_rank_requests: list[int] = field(default_factory=list)
+
+
+class KvmulRouter:
+    """Chooses a DP rank per request by `(queued + uncached) * (batch + 1)`."""
+
+    def __init__(self, num_ranks: int, page_size: int, pending_ttl: float = 30.0) -> None:
+        if num_ranks < 1:
+            raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
+        self.num_ranks = num_ranks
+        self.page_size = page_size
+        self.mirrors = [RadixMirror(page_size) for _ in range(num_ranks)]
+        self.loads = [RankLoad() for _ in range(num_ranks)]
+        self.pending = [PendingPrefixes(ttl=pending_ttl) for _ in range(num_ranks)]
+        self.stats = RouterStats(per_rank_requests=[0] * num_ranks)
+        self._rotation = 0
+
+    # ---- decisions -------------------------------------------------------------------------
+    def decide(
+        self,
+        tokens: Sequence[int],
+        limit: int,
+        namespace: Namespace = DEFAULT_NAMESPACE,
+    ) -> Decision:
+        """Score every rank for a prompt; `limit` is the longest prefix the scheduler may reuse."""
+        n = len(tokens)
+        cached, from_pending = [], []
+        for r in range(self.num_ranks):
+            hit = cached_tokens(self.mirrors[r].match(tokens, namespace, limit), limit, self.page_size)
+            credit = cached_tokens(self.pending[r].match(tokens, namespace), limit, self.page_size)
+            cached.append(max(hit, credit))
+            from_pending.append(credit > hit)
+        queued = [ld.queued_uncached for ld in self.loads]
+        batch = [ld.batch_size for ld in self.loads]
+        scores = kvmul_scores(queued, [n - c for c in cached], batch)
+        rank, tie = pick_lowest(scores, queued, self._rotation)
+        self._rotation += tie
+        return Decision(rank, n, cached, from_pending, queued, batch, scores)
+
+    def commit(
+        self, decision: Decision, tokens: Sequence[int], now: float, namespace: Namespace = DEFAULT_NAMESPACE
+    ) -> None:
+        """Book a dispatched request on its rank (also used for requests pinned by the user)."""
+        r = decision.rank
+        self.loads[r].on_dispatch(now, decision.prompt_len - decision.cached[r])
+        if len(tokens) > self.page_size:
+            self.pending[r].add(now, tokens, namespace)
+        self.stats.decisions += 1
+        self.stats.per_rank_requests[r] += 1
+
+    def route(
+        self, tokens: Sequence[int], limit: int, now: float, namespace: Namespace = DEFAULT_NAMESPACE
+    ) -> Decision:
+        decision = self.decide(tokens, limit, namespace)
+        self.commit(decision, tokens, now, namespace)
+        return decision
+
+    def assign(
+        self, rank: int, tokens: Sequence[int], limit: int, now: float, namespace: Namespace = DEFAULT_NAMESPACE
+    ) -> Decision:
+        """Book a request whose rank was fixed elsewhere (pinned, sticky session)."""
+        decision = self.decide(tokens, limit, namespace)
+        decision.rank = rank
+        self.commit(decision, tokens, now, namespace)
+        return decision
+
+    # ---- inputs from the ranks -------------------------------------------------------------
+    def apply_events(self, rank: int, events: Iterable[object]) -> None:
+        """Apply one rank's KV events in order."""
+        mirror = self.mirrors[rank]
+        for ev in events:
+            kind = type(ev).__name__
+            if kind == "BlockStored":
+                ns = namespace_of(getattr(ev, "cache_salt", None), getattr(ev, "lora_name", None))
+                if not mirror.store(ev.block_hashes, ev.parent_block_hash, ev.token_ids, ns):
+                    self.stats.orphan_stores += 1
+            elif kind == "BlockRemoved":
+                mirror.remove(ev.block_hashes)
+            elif kind == "AllBlocksCleared":
+                mirror.clear()
+                self.stats.clears += 1
+            else:
+                self.stats.unknown_events += 1
+                continue
+            self.stats.events_applied += 1
+
+    def apply_snapshot(self, rank: int, snap: LoadSnapshotView, now: float) -> None:
+        load = self.loads[rank]
+        if not load.on_snapshot(snap):
+            return
+        drained_before = snap.timestamp if snap.num_waiting_reqs == 0 else 0.0
+        mirror = self.mirrors[rank]
+        ps = self.page_size
+
+        def confirmed(tokens: Sequence[int], ns: Namespace) -> bool:
+            limit = len(tokens) - 1
+            return mirror.match(tokens, ns, limit) >= limit - limit % ps
+
+        self.pending[rank].prune(now, drained_before, confirmed)

@@ -1,0 +1,40 @@
+import json
+
+from sglang_kvmul.cpu_compat import cpu_env, omp_threads_bind
+from sglang_kvmul.launch_args import with_kvmul_defaults
+
+
+def fixed_ports(n, avoid):
+    return 40000 if not avoid else 41000
+
+
+def test_kvmul_is_default_for_dp_above_one_with_loopback_events():
+    out = with_kvmul_defaults(["--model-path", "m", "--dp-size", "4"], cuda=False, free_port_range=fixed_ports)
+    assert out[out.index("--load-balance-method") + 1] == "kvmul"
+    cfg = json.loads(out[out.index("--kv-events-config") + 1])
+    assert cfg["endpoint"] == "tcp://127.0.0.1:40000" and cfg["bind"] is True
+    assert cfg["replay_endpoint"] == "tcp://127.0.0.1:41000"  # not inside the 4 publisher ports
+    assert "--attention-backend" not in out
+
+
+def test_user_flags_win():
+    argv = ["--dp-size=2", "--load-balance-method", "round_robin"]
+    assert with_kvmul_defaults(argv, cuda=False, free_port_range=fixed_ports) == argv
+    argv = ["--dp-size", "2", "--kv-events-config", "{}", "--attention-backend", "fa3"]
+    out = with_kvmul_defaults(argv, cuda=True, free_port_range=fixed_ports)
+    assert out == [*argv, "--load-balance-method", "kvmul"]
+
+
+def test_single_rank_is_untouched_and_cuda_gets_flashinfer():
+    assert with_kvmul_defaults(["--model-path", "m"], cuda=False, free_port_range=fixed_ports) == ["--model-path", "m"]
+    out = with_kvmul_defaults(["--model-path", "m"], cuda=True, free_port_range=fixed_ports)
+    assert out[-2:] == ["--attention-backend", "flashinfer"]
+    out = with_kvmul_defaults(["--device", "cpu"], cuda=True, free_port_range=fixed_ports)
+    assert "--attention-backend" not in out
+
+
+def test_cpu_env_and_core_groups():
+    assert omp_threads_bind(2, 2) == "0|1"
+    assert omp_threads_bind(2, 16) == "0-7|8-15"
+    env = cpu_env(2, environ={"SGLANG_CPU_OMP_THREADS_BIND": "5|6"})
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1" and "SGLANG_CPU_OMP_THREADS_BIND" not in env

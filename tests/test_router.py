@@ -1,0 +1,104 @@
+"""The router driven by SGLang's own event and snapshot classes (no server needed)."""
+
+from sglang.srt.disaggregation.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from sglang.srt.managers.load_snapshot import LoadSnapshot
+
+from sglang_kvmul.load_ledger import RankLoad
+from sglang_kvmul.pending import common_prefix_len
+from sglang_kvmul.router import KvmulRouter
+
+
+def stored(hashes, parent, tokens, salt=None):
+    return BlockStored(
+        block_hashes=hashes, parent_block_hash=parent, token_ids=tokens, block_size=1, lora_id=None, cache_salt=salt
+    )
+
+
+def snap(t, running=0, waiting=0, waiting_uncached=0, prefilled=0):
+    return LoadSnapshot(
+        timestamp=t,
+        num_running_reqs=running,
+        num_waiting_reqs=waiting,
+        num_waiting_uncached_tokens=waiting_uncached,
+        total_prefill_uncached_tokens=prefilled,
+    )
+
+
+PREFIX = list(range(100, 200))
+
+
+def test_request_goes_to_the_rank_holding_its_prefix():
+    r = KvmulRouter(num_ranks=3, page_size=1)
+    r.apply_events(2, [stored(list(range(1, 101)), None, PREFIX)])
+    d = r.route([*PREFIX, 1, 2, 3], limit=102, now=1.0)
+    assert d.rank == 2
+    assert d.cached == [0, 0, 100]
+    assert d.uncached == [103, 103, 3]
+
+
+def test_cached_prediction_respects_len_minus_one_and_pages():
+    r = KvmulRouter(num_ranks=1, page_size=4)
+    r.apply_events(
+        0,
+        [
+            BlockStored(
+                block_hashes=[1, 2], parent_block_hash=None, token_ids=list(range(8)), block_size=4, lora_id=None
+            )
+        ],
+    )
+    # whole prompt cached: the last token is recomputed, and 7 floors to one page
+    assert r.decide(list(range(8)), limit=7).cached == [4]
+    assert r.decide(list(range(9)), limit=8).cached == [8]
+
+
+def test_removed_and_cleared_blocks_stop_counting():
+    r = KvmulRouter(num_ranks=1, page_size=1)
+    r.apply_events(0, [stored([1, 2, 3], None, [5, 6, 7]), BlockRemoved(block_hashes=[3])])
+    assert r.decide([5, 6, 7, 8], limit=3).cached == [2]
+    r.apply_events(0, [AllBlocksCleared()])
+    assert r.decide([5, 6, 7, 8], limit=3).cached == [0]
+    assert r.stats.clears == 1
+
+
+def test_salted_blocks_only_serve_the_same_salt():
+    r = KvmulRouter(num_ranks=2, page_size=1)
+    r.apply_events(1, [stored([1, 2, 3], None, [5, 6, 7], salt="tenant-a")])
+    assert r.decide([5, 6, 7, 8], limit=3).cached == [0, 0]
+    assert r.decide([5, 6, 7, 8], limit=3, namespace=("tenant-a", None)).cached == [0, 3]
+
+
+def test_burst_spreads_by_load_and_siblings_follow_in_flight_prompts():
+    r = KvmulRouter(num_ranks=2, page_size=1)
+    a = [r.route(list(range(1000 * g, 1000 * g + 300)), limit=299, now=1.0).rank for g in range(2)]
+    assert sorted(a) == [0, 1]  # two cold groups: the second sees the first one's queued work
+    # a sibling of group 0 arrives before any KV event: the in-flight credit keeps it together
+    d = r.route([*list(range(0, 300)), 7], limit=300, now=1.1)
+    assert d.rank == a[0] and d.from_pending[a[0]] and d.cached[a[0]] == 300
+
+
+def test_snapshot_drains_queue_and_resets_batch():
+    r = KvmulRouter(num_ranks=2, page_size=1)
+    r.route(list(range(500)), limit=499, now=10.0)
+    rank = r.stats.per_rank_requests.index(1)
+    assert r.loads[rank].queued_uncached == 500 and r.loads[rank].batch_size == 1
+    r.apply_snapshot(rank, snap(10.5, running=1, prefilled=500), now=10.5)
+    assert r.loads[rank].queued_uncached == 0 and r.loads[rank].batch_size == 1
+    r.apply_snapshot(rank, snap(11.0), now=11.0)
+    assert r.loads[rank].batch_size == 0
+    assert len(r.pending[rank]) == 0  # the drained queue retired the in-flight credit
+
+
+def test_ledger_resyncs_after_mispredicted_hits():
+    ld = RankLoad()
+    ld.on_dispatch(1.0, 1000)  # predicted a miss, the scheduler then found it cached: only 10 prefilled
+    ld.on_snapshot(snap(1.2, running=1, prefilled=10))
+    assert ld.resyncs == 1 and ld.queued_uncached == 0  # nothing waiting: the 990 phantom tokens are gone
+    ld.on_dispatch(1.3, 50)
+    assert ld.queued_uncached == 50
+    assert not ld.on_snapshot(snap(1.2))  # stale snapshots are ignored
+
+
+def test_common_prefix_len():
+    assert common_prefix_len([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix_len([], [1]) == 0
+    assert common_prefix_len([1, 2], [1, 2, 3]) == 2
