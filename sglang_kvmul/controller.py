@@ -149,6 +149,8 @@ class KvmulDataParallelController(DataParallelController):
                 "batch": d.batch,
                 "scores": d.scores,
                 "pinned": req.routed_dp_rank is not None,
+                # identifies a shared-prefix group in offline analysis (demo, benchmarks)
+                "prefix_fp": hash(tuple(req.input_ids[:64])) if req.input_ids is not None else None,
             }
             self.decision_log.write(json.dumps(record) + "\n")
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+RECV_SLACK_S = 0.01  # an idle scheduler picks up a request within this long of its dispatch
+
 
 @dataclass
 class LoadSnapshotView:
@@ -55,13 +57,15 @@ class RankLoad:
             done = snap.total_prefill_uncached_tokens
         self.prefilled_seen = snap.total_prefill_uncached_tokens
         self.queued_uncached = max(0, self.queued_uncached - done)
-        while self.recent and self.recent[0][0] <= snap.timestamp:
-            self.recent.popleft()
-        if snap.num_waiting_reqs == 0 and snap.num_waiting_uncached_tokens == 0:
-            # Nothing queued when the snapshot was taken: only what was sent since can be queued.
-            # This bounds drift from mispredicted hits and from aborted requests.
-            exact = sum(u for _, u in self.recent)
+        if snap.num_running_reqs == 0 and snap.num_waiting_reqs == 0 and snap.num_waiting_uncached_tokens == 0:
+            # An idle rank has prefilled everything it received. It receives at once when idle, so
+            # only what was sent within RECV_SLACK_S of the snapshot (or after it) can be queued.
+            # This bounds drift from mispredicted hits and from aborted requests. (A busy rank's
+            # `waiting == 0` proves nothing: requests sent during a step are received after it.)
+            exact = sum(u for t, u in self.recent if t > snap.timestamp - RECV_SLACK_S)
             if exact != self.queued_uncached:
                 self.resyncs += 1
                 self.queued_uncached = exact
+        while self.recent and self.recent[0][0] <= snap.timestamp:
+            self.recent.popleft()
         return True

@@ -1,9 +1,10 @@
 """Prompts dispatched to a rank whose blocks its KV events have not confirmed yet.
 
 SGLang publishes a prompt's blocks only after its prefill, so siblings arriving meanwhile would
-not see the shared prefix. Crediting the dispatched prompt as cache keeps them together. Entries
-go when the mirror confirms them, when a later snapshot shows the rank drained its queue, or
-after `ttl` seconds.
+not see the shared prefix. Crediting the dispatched prompt as cache keeps them together. An entry
+goes when the mirror confirms it, when SGLang's cumulative prefill counter shows the rank has
+prefilled everything queued up to and including it (from then on the mirror is the truth: if the
+blocks are not there they were evicted), or after `ttl` seconds.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 @dataclass
 class _Entry:
     sent_at: float
-    tokens: list[int]
+    tokens: Sequence[int]
     namespace: Namespace
+    prefilled_target: int  # the rank's cumulative prefilled tokens once this prompt is prefilled
 
 
 class PendingPrefixes:
@@ -44,8 +46,9 @@ class PendingPrefixes:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, now: float, tokens: Sequence[int], namespace: Namespace) -> None:
-        self._entries.append(_Entry(now, list(tokens), namespace))
+    def add(self, now: float, tokens: Sequence[int], namespace: Namespace, prefilled_target: int) -> None:
+        # `tokens` is kept as given (never mutated by the caller); matching compares like types
+        self._entries.append(_Entry(now, tokens, namespace, prefilled_target))
         if len(self._entries) > self.max_entries:
             del self._entries[0]
 
@@ -59,12 +62,12 @@ class PendingPrefixes:
     def prune(
         self,
         now: float,
-        drained_before: float,
+        prefilled: int,
         is_cached: Callable[[Sequence[int], Namespace], bool],
     ) -> None:
-        """Drop expired entries, those sent before the rank's queue was seen drained, and confirmed ones."""
+        """Drop expired entries, those the rank has prefilled by now, and those the mirror confirms."""
         self._entries = [
             e
             for e in self._entries
-            if now - e.sent_at < self.ttl and e.sent_at > drained_before and not is_cached(e.tokens, e.namespace)
+            if now - e.sent_at < self.ttl and prefilled < e.prefilled_target and not is_cached(e.tokens, e.namespace)
         ]

@@ -89,9 +89,10 @@ class KvmulRouter:
     ) -> None:
         """Book a dispatched request on its rank (also used for requests pinned by the user)."""
         r = decision.rank
-        self.loads[r].on_dispatch(now, decision.prompt_len - decision.cached[r])
+        load = self.loads[r]
+        load.on_dispatch(now, decision.prompt_len - decision.cached[r])
         if len(tokens) > self.page_size:
-            self.pending[r].add(now, tokens, namespace)
+            self.pending[r].add(now, tokens, namespace, load.prefilled_seen + load.queued_uncached)
         self.stats.decisions += 1
         self.stats.per_rank_requests[r] += 1
 
@@ -135,7 +136,6 @@ class KvmulRouter:
         load = self.loads[rank]
         if not load.on_snapshot(snap):
             return
-        drained_before = snap.timestamp if snap.num_waiting_reqs == 0 else 0.0
         mirror = self.mirrors[rank]
         ps = self.page_size
 
@@ -143,4 +143,4 @@ class KvmulRouter:
             limit = len(tokens) - 1
             return mirror.match(tokens, ns, limit) >= limit - limit % ps
 
-        self.pending[rank].prune(now, drained_before, confirmed)
+        self.pending[rank].prune(now, load.prefilled_seen, confirmed)

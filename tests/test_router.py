@@ -83,19 +83,34 @@ def test_snapshot_drains_queue_and_resets_batch():
     assert r.loads[rank].queued_uncached == 500 and r.loads[rank].batch_size == 1
     r.apply_snapshot(rank, snap(10.5, running=1, prefilled=500), now=10.5)
     assert r.loads[rank].queued_uncached == 0 and r.loads[rank].batch_size == 1
+    assert len(r.pending[rank]) == 0  # prefilled and not in the mirror: the blocks are gone, credit retired
     r.apply_snapshot(rank, snap(11.0), now=11.0)
     assert r.loads[rank].batch_size == 0
-    assert len(r.pending[rank]) == 0  # the drained queue retired the in-flight credit
 
 
-def test_ledger_resyncs_after_mispredicted_hits():
+def test_busy_snapshot_keeps_requests_the_scheduler_has_not_received():
+    """A scheduler receives only between steps: `waiting == 0` during a step proves nothing."""
+    r = KvmulRouter(num_ranks=1, page_size=1)
+    r.route(list(range(300)), limit=299, now=10.0)
+    r.route(list(range(1000, 1400)), limit=399, now=10.1)
+    # a step that prefilled the first prompt ends; the second is still in the socket
+    r.apply_snapshot(0, snap(10.2, running=1, prefilled=300), now=10.2)
+    assert r.loads[0].queued_uncached == 400
+    assert len(r.pending[0]) == 1  # the unprefilled prompt keeps its in-flight credit
+    assert r.decide([*list(range(1000, 1400)), 5], limit=400).cached == [400]
+
+
+def test_ledger_resyncs_only_when_the_rank_is_idle():
     ld = RankLoad()
-    ld.on_dispatch(1.0, 1000)  # predicted a miss, the scheduler then found it cached: only 10 prefilled
+    ld.on_dispatch(1.0, 1000)  # predicted a miss; the scheduler found it cached and prefilled only 10
     ld.on_snapshot(snap(1.2, running=1, prefilled=10))
-    assert ld.resyncs == 1 and ld.queued_uncached == 0  # nothing waiting: the 990 phantom tokens are gone
+    assert ld.queued_uncached == 990 and ld.resyncs == 0
     ld.on_dispatch(1.3, 50)
-    assert ld.queued_uncached == 50
-    assert not ld.on_snapshot(snap(1.2))  # stale snapshots are ignored
+    ld.on_snapshot(snap(1.4, prefilled=60))  # idle: everything it received is prefilled
+    assert ld.resyncs == 1 and ld.queued_uncached == 0
+    ld.on_dispatch(1.5, 70)
+    assert ld.queued_uncached == 70
+    assert not ld.on_snapshot(snap(1.4))  # stale snapshots are ignored
 
 
 def test_common_prefix_len():

@@ -1,0 +1,63 @@
+"""Shared fixtures: the tiny model and real SGLang servers on CPU (dp=2) under our launcher."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from sglang_kvmul.local_server import LocalServer, cpu_server_args, running_server
+from sglang_kvmul.tiny_model import build
+
+MAX_TOTAL_TOKENS = 16384  # per rank; tests that need eviction use their own server
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return build("tiny")
+
+
+class Server:
+    """A running server plus what the tests read from it."""
+
+    def __init__(self, server: LocalServer, decision_log: Path) -> None:
+        self.server = server
+        self.url = server.url
+        self.decision_log = decision_log
+
+    def generate(self, input_ids: list[int], rid: str, max_new_tokens: int = 8, **extra: object) -> requests.Response:
+        body = {
+            "input_ids": input_ids,
+            "rid": rid,
+            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
+            **extra,
+        }
+        return requests.post(self.url + "/generate", json=body, timeout=120)
+
+    def decisions(self) -> dict[str, dict]:
+        if not self.decision_log.exists():
+            return {}
+        lines = self.decision_log.read_text().splitlines()
+        return {d["rid"]: d for d in map(json.loads, lines)}
+
+
+def _server(tmp_dir: Path, model: Path, extra: list[str]) -> Iterator[Server]:
+    log = tmp_dir / "decisions.jsonl"
+    args = ["--dp-size", "2", *cpu_server_args(MAX_TOTAL_TOKENS), *extra]
+    env = {"SGLANG_KVMUL_DECISION_LOG": str(log)}
+    with running_server(model, args, tmp_dir / "server.log", env=env) as srv:
+        yield Server(srv, log)
+
+
+@pytest.fixture(scope="session")
+def kvmul_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Server]:
+    yield from _server(tmp_path_factory.mktemp("kvmul"), tiny_model, [])
+
+
+@pytest.fixture(scope="module")
+def round_robin_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Server]:
+    # module scope: the stock controller busy-spins a core, so it must not outlive its tests
+    yield from _server(tmp_path_factory.mktemp("rr"), tiny_model, ["--load-balance-method", "round_robin"])

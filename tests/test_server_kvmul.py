@@ -1,0 +1,110 @@
+"""Integration tests against a REAL SGLang 0.5.23 server on CPU, dp=2, under the kvmul controller.
+
+Requests are sent one at a time. A prompt's blocks are published by SGLang right after its
+prefill, while the response still needs 8 decode steps, so the controller has the events before
+the next request arrives.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.server
+
+VOCAB = 2048
+
+
+def ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+
+def test_launcher_selects_kvmul_with_loopback_events(kvmul_server):
+    info = requests.get(kvmul_server.url + "/server_info", timeout=10).json()
+    assert info["load_balance_method"] == "kvmul"
+    assert info["kv_events"]["endpoint_host"] == "127.0.0.1"
+    assert info["kv_events"]["dp_size"] == 2
+
+
+def test_shared_prefixes_stick_and_unrelated_prompts_spread(kvmul_server):
+    rng = random.Random(1)
+    prefixes = {g: ids(rng, 400) for g in range(6)}
+    placement: dict[int, set[int]] = {g: set() for g in prefixes}
+    for rep in range(3):
+        for g, prefix in prefixes.items():
+            resp = kvmul_server.generate(prefix + ids(rng, 16), rid=f"spread-{g}-{rep}")
+            assert resp.status_code == 200, resp.text
+            meta = resp.json()["meta_info"]
+            placement[g].add(meta["dp_rank"])
+            if rep > 0:
+                assert meta["cached_tokens"] >= 400, (g, rep, meta)
+    # every group stayed on one rank, and the groups used both ranks
+    assert all(len(ranks) == 1 for ranks in placement.values()), placement
+    assert {next(iter(r)) for r in placement.values()} == {0, 1}
+
+
+def test_predicted_cached_tokens_equal_sglang_reported(kvmul_server):
+    rng = random.Random(2)
+    base = ids(rng, 300)
+    other = ids(rng, 200)
+    prompts = [
+        base + ids(rng, 20),
+        base + ids(rng, 20),
+        base[:150] + ids(rng, 50),  # diverges inside a cached prefix
+        other + ids(rng, 10),
+        other,  # fully cached except the last token
+        base + ids(rng, 5),
+        ids(rng, 64),
+    ]
+    results = []
+    for i, prompt in enumerate(prompts):
+        rid = f"exact-{i}"
+        resp = kvmul_server.generate(prompt, rid=rid)
+        assert resp.status_code == 200, resp.text
+        results.append((rid, resp.json()["meta_info"]))
+    decisions = kvmul_server.decisions()
+    for rid, meta in results:
+        d = decisions[rid]
+        assert d["rank"] == meta["dp_rank"], (rid, d, meta)
+        assert d["predicted_cached"] == meta["cached_tokens"], (rid, d, meta)
+    assert sum(meta["cached_tokens"] for _, meta in results) > 0
+
+
+def test_flush_cache_is_broadcast_and_clears_the_mirrors(kvmul_server):
+    rng = random.Random(3)
+    prompt = ids(rng, 200)
+    assert kvmul_server.generate(prompt, rid="flush-0").status_code == 200
+    assert kvmul_server.generate(prompt, rid="flush-1").json()["meta_info"]["cached_tokens"] == 199
+    assert requests.post(kvmul_server.url + "/flush_cache", timeout=30).status_code == 200
+    meta = kvmul_server.generate(prompt, rid="flush-2").json()["meta_info"]
+    assert meta["cached_tokens"] == 0
+    assert kvmul_server.decisions()["flush-2"]["predicted_cached"] == 0
+
+
+def test_routed_dp_rank_is_honoured_and_invalid_rank_is_a_request_error(kvmul_server):
+    rng = random.Random(4)
+    for rank in (0, 1):
+        meta = kvmul_server.generate(ids(rng, 50), rid=f"pin-{rank}", routed_dp_rank=rank).json()["meta_info"]
+        assert meta["dp_rank"] == rank
+        assert kvmul_server.decisions()[f"pin-{rank}"]["pinned"] is True
+    for bad in (2, -1, 99):
+        resp = kvmul_server.generate(ids(rng, 50), rid=f"bad-{bad}", routed_dp_rank=bad)
+        assert resp.status_code == 400, resp.text
+        assert "routed_dp_rank" in resp.text
+    # the server keeps serving
+    assert kvmul_server.generate(ids(rng, 50), rid="after-bad").status_code == 200
+
+
+def test_batch_requests_and_health_checks_are_dispatched(kvmul_server):
+    rng = random.Random(5)
+    prefix = ids(rng, 300)
+    body = {
+        "input_ids": [prefix + ids(rng, 10) for _ in range(4)],
+        "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True},
+    }
+    resp = requests.post(kvmul_server.url + "/generate", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()) == 4
+    assert requests.get(kvmul_server.url + "/health_generate", timeout=60).status_code == 200
