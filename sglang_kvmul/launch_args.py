@@ -26,6 +26,7 @@ def _peek(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--prefill-attention-backend", default=None)
     p.add_argument("--decode-attention-backend", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--port", type=int, default=30000)
     return p.parse_known_args(list(argv))[0]
 
 
@@ -55,8 +56,8 @@ def with_kvmul_defaults(
         out += ["--load-balance-method", METHOD_NAME]
     if method == METHOD_NAME and args.kv_events_config is None:
         n = args.dp_size
-        pub = free_port_range(n, set())
-        replay = free_port_range(n, set(range(pub, pub + n)))
+        pub = free_port_range(n, {args.port})
+        replay = free_port_range(n, {args.port, *range(pub, pub + n)})
         out += ["--kv-events-config", kv_events_config(pub, replay)]
     uses_cuda = cuda and (args.device in (None, "cuda"))
     if uses_cuda and not (args.attention_backend or args.prefill_attention_backend or args.decode_attention_backend):

@@ -47,7 +47,7 @@ class LocalServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def log_tail(self, n: int = 60) -> str:
+    def log_tail(self, n: int = 80) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
@@ -85,8 +85,33 @@ def start_server(
     env: dict[str, str] | None = None,
     port: int | None = None,
     timeout: float = 240.0,
+    attempts: int = 3,
 ) -> LocalServer:
-    """Launch `python -m <launcher>` and wait until /health answers."""
+    """Launch `python -m <launcher>` and wait until /health answers.
+
+    A start that loses a race for one of its ports (another process bound it between our check
+    and the server's bind) is retried on fresh ports.
+    """
+    for attempt in range(attempts):
+        try:
+            return _start_once(model_path, args, log_path, launcher, env, port, timeout)
+        except RuntimeError:
+            lost_race = "address already in use" in log_path.read_text(errors="replace")
+            if not lost_race or attempt == attempts - 1:
+                raise
+            port = None
+    raise AssertionError("unreachable")
+
+
+def _start_once(
+    model_path: str | Path,
+    args: Sequence[str],
+    log_path: Path,
+    launcher: str,
+    env: dict[str, str] | None,
+    port: int | None,
+    timeout: float,
+) -> LocalServer:
     port = port or free_port_range(1)
     cmd = [sys.executable, "-m", launcher, "--model-path", str(model_path), "--host", "127.0.0.1", "--port", str(port)]
     cmd += list(args)

@@ -1,4 +1,8 @@
-"""Finding free loopback TCP ports."""
+"""Finding free loopback TCP ports for sockets that are bound later, by another process.
+
+The range sits below SGLang's own choice for such ports (22000-29999) and below the kernel's
+ephemeral range (32768+), where bind(0) and outgoing connections take ports at any moment.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def free_port_range(n: int, avoid: set[int] | None = None, lo: int = 20000, hi: int = 60000) -> int:
+def free_port_range(n: int, avoid: set[int] | None = None, lo: int = 10000, hi: int = 21999) -> int:
     """Base of `n` consecutive free loopback ports, none of them in `avoid`."""
     avoid = avoid or set()
     rng = random.Random()

@@ -5,7 +5,9 @@ from sglang_kvmul.launch_args import with_kvmul_defaults
 
 
 def fixed_ports(n, avoid):
-    return 40000 if not avoid else 41000
+    """Publisher range first (avoiding only the HTTP port), then the replay range."""
+    assert 30000 in avoid  # the default HTTP port is never handed out
+    return 40000 if len(avoid) == 1 else 41000
 
 
 def test_kvmul_is_default_for_dp_above_one_with_loopback_events():
