@@ -83,7 +83,9 @@ def run_one(model: Path, method: str, reqs: list[Request], args: argparse.Namesp
     log = work / f"{tag}.decisions.jsonl"
     log.unlink(missing_ok=True)
     srv_args = ["--dp-size", "2", "--load-balance-method", method, *cpu_server_args(args.pool)]
-    env = {"SGLANG_KVMUL_DECISION_LOG": str(log)}
+    # Both methods get the same blocking controller loop (stock 0.5.23 spins a core, which on a
+    # 2-core machine would slow round_robin's schedulers and not kvmul's): only routing differs.
+    env = {"SGLANG_KVMUL_DECISION_LOG": str(log), "SGLANG_KVMUL_POLL_ALL_METHODS": "1"}
     with running_server(model, srv_args, work / f"{tag}.server.log", env=env) as server:
         warm_up(server.url, args.prefix + args.suffix)
         t0 = time.time()

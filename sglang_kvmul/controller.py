@@ -20,20 +20,25 @@ from collections import OrderedDict
 from typing import Any
 
 import zmq
+from sglang.srt.disaggregation.kv_events import uses_dynamo_format
 from sglang.srt.managers.data_parallel_controller import DataParallelController
 from sglang.srt.managers.io_struct import AbortReq, CloseSessionReqInput, sock_recv, sock_send
 from sglang.srt.runtime_context import describe_kv_events_publisher, get_parallel, get_schedule
 from sglang.srt.utils.network import get_zmq_socket
 
 from sglang_kvmul import METHOD_NAME
+from sglang_kvmul.block_hash import CacheNamespace
 from sglang_kvmul.kv_events import RankEventStream, rank_endpoint
-from sglang_kvmul.mirror import namespace_of
+from sglang_kvmul.metrics import METRICS_HOST_ENV, METRICS_PORT_ENV, KvmulCollector, serve
 from sglang_kvmul.prefix import max_prefix_len
 from sglang_kvmul.router import Decision, KvmulRouter
 
 logger = logging.getLogger(__name__)
 
 DECISION_LOG_ENV = "SGLANG_KVMUL_DECISION_LOG"
+# Opt-in: give stock methods the same blocking Poller loop (SGLang 0.5.23's loop spins a core).
+# Off by default so that stock methods stay exactly stock; benchmarks turn it on for fairness.
+POLL_ALL_METHODS_ENV = "SGLANG_KVMUL_POLL_ALL_METHODS"
 SNAPSHOT_REFRESH_S = 0.005  # re-read SGLang's SHM load snapshots at most this often
 POLL_MS = 100  # idle wake-up, so the soft watchdog keeps being fed
 MAX_STICKY_SESSIONS = 100_000
@@ -56,10 +61,11 @@ class KvmulDataParallelController(DataParallelController):
     def _init_kvmul(self, server_args: Any, port_args: Any) -> None:
         num_ranks = get_parallel().num_dp_ranks
         page_size = int(get_schedule().page_size or 1)
-        self.router = KvmulRouter(num_ranks, page_size)
+        self.router = KvmulRouter(num_ranks, page_size, dynamo_events=uses_dynamo_format(server_args.kv_events_config))
         self.dispatching = self.kvmul_scheduler
         self.sessions: OrderedDict[str, int] = OrderedDict()
         self.rejected_requests = 0
+        self.ingest_errors = 0
         self._last_snapshot_read = 0.0
         self.to_tokenizer = get_zmq_socket(self.context, zmq.PUSH, port_args.tokenizer_ipc_name, False)
         path = os.environ.get(DECISION_LOG_ENV)
@@ -88,14 +94,27 @@ class KvmulDataParallelController(DataParallelController):
                     topic=desc.get("topic") or "",
                 )
                 self.streams.append(stream)
-                for batch in stream.catch_up():
-                    self.router.apply_events(r, batch.events)
+                update = stream.catch_up()
+                self.router.rebuild(r, (e for b in update.batches for e in b.events))
+                if update.lost:
+                    self.router.mark_stale(r)
+        self._maybe_serve_metrics()
         logger.info(
-            "kvmul: routing %d DP ranks, page size %d, KV events %s",
+            "kvmul: routing %d DP ranks, page size %d, %s-format KV events %s",
             num_ranks,
             page_size,
+            "dynamo" if self.router.dynamo_events else "default",
             [s.endpoint for s in self.streams] or "off",
         )
+
+    def _maybe_serve_metrics(self) -> None:
+        port = os.environ.get(METRICS_PORT_ENV)
+        if not port:
+            return
+        host = os.environ.get(METRICS_HOST_ENV, "127.0.0.1")
+        counters = lambda: {"rejected_requests": self.rejected_requests, "ingest_errors": self.ingest_errors}  # noqa: E731
+        serve(KvmulCollector(self.router, self.streams, counters), int(port), host)
+        logger.info("kvmul: Prometheus metrics on http://%s:%s/metrics", host, port)
 
     # ---- dispatch --------------------------------------------------------------------------
     def _refresh_snapshots(self, now: float) -> None:
@@ -110,7 +129,9 @@ class KvmulDataParallelController(DataParallelController):
         now = time.time()
         self._refresh_snapshots(now)
         tokens = req.input_ids if req.input_ids is not None else ()
-        namespace = namespace_of(getattr(req, "cache_salt", None), getattr(req, "lora_id", None))
+        namespace = CacheNamespace.of_request(
+            getattr(req, "cache_salt", None), getattr(req, "extra_key", None), getattr(req, "lora_id", None)
+        )
         limit = max_prefix_len(
             len(tokens), bool(getattr(req, "return_logprob", False)), getattr(req, "logprob_start_len", -1)
         )
@@ -173,14 +194,30 @@ class KvmulDataParallelController(DataParallelController):
             self.sessions.pop(obj.session_id, None)
         super().send_control_message(obj)
 
+    def _ingest(self, stream: RankEventStream) -> None:
+        """Apply one rank's waiting KV events; a failure here must never reach request dispatch."""
+        try:
+            for update in stream.drain():
+                if update.rebuild:
+                    self.router.rebuild(stream.rank, (e for b in update.batches for e in b.events))
+                    continue
+                if update.lost:
+                    self.router.mark_stale(stream.rank)
+                for batch in update.batches:
+                    self.router.apply_events(stream.rank, batch.events)
+        except Exception:
+            self.ingest_errors += 1
+            self.router.mark_stale(stream.rank)
+            logger.exception("kvmul: rank %d: KV-event ingestion failed; rank marked stale", stream.rank)
+
     # ---- loop ------------------------------------------------------------------------------
     def event_loop(self) -> None:
-        if not self.kvmul_enabled:
+        if not self.kvmul_enabled and os.environ.get(POLL_ALL_METHODS_ENV) != "1":
             return super().event_loop()
         poller = zmq.Poller()
         poller.register(self.recv_from_tokenizer, zmq.POLLIN)
         by_socket = {}
-        for stream in self.streams:
+        for stream in getattr(self, "streams", ()):
             poller.register(stream.sub, zmq.POLLIN)
             by_socket[stream.sub] = stream
         while True:
@@ -189,8 +226,7 @@ class KvmulDataParallelController(DataParallelController):
             for sock in ready:
                 stream = by_socket.get(sock)
                 if stream is not None:
-                    for batch in stream.drain():
-                        self.router.apply_events(stream.rank, batch.events)
+                    self._ingest(stream)
             while True:
                 try:
                     recv_req = sock_recv(self.recv_from_tokenizer, flags=zmq.NOBLOCK)

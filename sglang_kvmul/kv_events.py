@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 from sglang.srt.disaggregation.kv_events import KVEventBatch, ZmqEventPublisher
+from zmq.utils.monitor import recv_monitor_message
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,15 @@ class StreamStats:
     unrecovered_gaps: int = 0
     malformed: int = 0
     restarts: int = 0
+
+
+@dataclass
+class StreamUpdate:
+    """What one PUB message means for the rank's mirror, in order."""
+
+    batches: list[KVEventBatch]
+    rebuild: bool = False  # `batches` is the full history: clear the mirror before applying them
+    lost: bool = False  # events were lost for good: the mirror can no longer be trusted
 
 
 def rank_endpoint(endpoint: str, rank: int) -> str:
@@ -59,14 +69,43 @@ class RankEventStream:
         self.context = context
         self.stats = StreamStats()
         self.next_seq = 0
+        self.last_ts = 0.0  # newest batch timestamp applied (tells a restart from a duplicate)
         self._decoder = msgspec.msgpack.Decoder(KVEventBatch)
         self.sub = context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.sub.setsockopt(zmq.RCVHWM, 0)
         self.sub.connect(endpoint)
+        # A reconnect may mean a restarted publisher (a restarted scheduler): watch for it.
+        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED)
+        self._connects = 0
+        self._restart_suspect = False
 
     def close(self) -> None:
+        self.sub.disable_monitor()
+        self.monitor.close(linger=0)
         self.sub.close(linger=0)
+
+    def _poll_monitor(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._connects += 1
+                self._restart_suspect = self._restart_suspect or self._connects > 1
+
+    def _new_incarnation(self) -> StreamUpdate | None:
+        """The publisher's full history if it restarted since we last applied a batch."""
+        history = self.replay(0)
+        if not history or history[0][0] != 0 or history[0][1].ts <= self.last_ts:
+            return None
+        self.stats.restarts += 1
+        logger.warning("kvmul: rank %d: KV-event publisher restarted; mirror rebuilt from its replay", self.rank)
+        self.next_seq = history[-1][0] + 1
+        self.last_ts = max(b.ts for _, b in history)
+        self.stats.replayed_batches += len(history)
+        return StreamUpdate([b for _, b in history], rebuild=True)
 
     def _decode(self, payload: bytes) -> KVEventBatch | None:
         try:
@@ -102,57 +141,72 @@ class RankEventStream:
         finally:
             dealer.close()
 
-    def catch_up(self) -> list[KVEventBatch]:
-        """Replay everything buffered so far (used when the controller joins)."""
-        batches = []
-        for seq, batch in self.replay(0):
-            if seq >= self.next_seq:
-                batches.append(batch)
-                self.next_seq = seq + 1
-                self.stats.replayed_batches += 1
-        return batches
+    def catch_up(self) -> StreamUpdate:
+        """The publisher's whole buffered history, for a controller that joins late.
 
-    def on_frames(self, frames: list[bytes]) -> list[KVEventBatch]:
-        """In-order batches from one PUB message, replaying any gap before it."""
-        if len(frames) != 3:
+        `lost` when the buffer no longer starts at the first batch (seq 0).
+        """
+        history = self.replay(0)
+        if history:
+            self.next_seq = history[-1][0] + 1
+            self.last_ts = max(b.ts for _, b in history)
+            self.stats.replayed_batches += len(history)
+        return StreamUpdate([b for _, b in history], rebuild=True, lost=bool(history) and history[0][0] != 0)
+
+    def on_frames(self, frames: list[bytes]) -> StreamUpdate:
+        """In-order batches from one PUB message, replaying any gap before it.
+
+        A gap the replay buffer no longer covers is reported as `lost`.
+        """
+        if len(frames) != 3 or len(frames[1]) != 8:
             self.stats.malformed += 1
-            return []
+            logger.warning("kvmul: rank %d: dropped a malformed KV-event message (%d frames)", self.rank, len(frames))
+            return StreamUpdate([])
+        # Decode before trusting anything in the message: a malformed one must not move our position.
+        batch = self._decode(frames[2])
+        if batch is None:
+            return StreamUpdate([])
         seq = int.from_bytes(frames[1], "big", signed=False)
-        if seq < self.next_seq:
-            if seq == 0:  # the publisher restarted: its stream begins again
-                self.stats.restarts += 1
+        update = StreamUpdate([])
+        self._poll_monitor()
+        older = seq < self.next_seq
+        if self._restart_suspect or (older and (seq == 0 or batch.ts > self.last_ts)):
+            self._restart_suspect = False
+            restarted = self._new_incarnation()
+            if restarted is not None:
+                return restarted  # a later message past its history arrives as a gap and is replayed
+            if older and seq == 0 and not self.replay_endpoint:
+                self.stats.restarts += 1  # no replay to confirm it: trust the new stream's seq 0
                 self.next_seq = 0
-            else:
-                self.stats.duplicates += 1
-                return []
-        out: list[KVEventBatch] = []
+                older = False
+        if older:
+            self.stats.duplicates += 1  # e.g. delivered both by the PUB socket and by a replay
+            return update
         if seq > self.next_seq:
             self.stats.gaps += 1
-            for rseq, batch in self.replay(self.next_seq):
-                if self.next_seq <= rseq < seq:
-                    if rseq != self.next_seq:
-                        self.stats.unrecovered_gaps += 1
-                    out.append(batch)
+            for rseq, replayed in self.replay(self.next_seq):
+                if rseq == self.next_seq and rseq < seq:
+                    update.batches.append(replayed)
                     self.next_seq = rseq + 1
                     self.stats.replayed_batches += 1
             if self.next_seq != seq:
                 self.stats.unrecovered_gaps += 1
+                update.lost = True
                 logger.warning(
                     "kvmul: rank %d: KV events %d..%d lost and not replayable", self.rank, self.next_seq, seq - 1
                 )
-        batch = self._decode(frames[2])
         self.next_seq = seq + 1
-        if batch is not None:
-            out.append(batch)
-            self.stats.batches += 1
-        return out
+        update.batches.append(batch)
+        self.last_ts = max(self.last_ts, *(b.ts for b in update.batches))
+        self.stats.batches += 1
+        return update
 
-    def drain(self) -> list[KVEventBatch]:
-        """All batches waiting on the SUB socket, without blocking."""
-        out: list[KVEventBatch] = []
+    def drain(self) -> list[StreamUpdate]:
+        """All messages waiting on the SUB socket, without blocking."""
+        out: list[StreamUpdate] = []
         while True:
             try:
                 frames = self.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return out
-            out.extend(self.on_frames(frames))
+            out.append(self.on_frames(frames))

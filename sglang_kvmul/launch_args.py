@@ -4,7 +4,7 @@ Pure argv rewriting: the user's own flags always win, and anything not named her
   * `--load-balance-method kvmul` when dp > 1 and no method is given;
   * for kvmul without `--kv-events-config`: SGLang's ZMQ KV-event publisher bound on 127.0.0.1,
     one port per rank, with the replay ports in a separate range (rank r uses base + r for both,
-    so adjacent bases would collide);
+    so adjacent bases would collide), in the "dynamo" event format;
   * on CUDA, `--attention-backend flashinfer` unless an attention backend is chosen.
 """
 
@@ -31,12 +31,15 @@ def _peek(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def kv_events_config(pub_base: int, replay_base: int) -> str:
+    """Loopback publisher; the "dynamo" format, whose block hashes also cover a request's extra_key
+    (the default format leaves non-LoRA extra_key namespaces indistinguishable in the events)."""
     return json.dumps(
         {
             "publisher": "zmq",
             "endpoint": f"tcp://127.0.0.1:{pub_base}",
             "bind": True,
             "replay_endpoint": f"tcp://127.0.0.1:{replay_base}",
+            "format": "dynamo",
         }
     )
 
@@ -63,6 +66,20 @@ def with_kvmul_defaults(
     if uses_cuda and not (args.attention_backend or args.prefill_attention_backend or args.decode_attention_backend):
         out += ["--attention-backend", "flashinfer"]
     return out
+
+
+def split_own_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Remove this launcher's own flags; return SGLang's argv and the environment they set."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--kvmul-metrics-port", type=int, default=None)
+    p.add_argument("--kvmul-metrics-host", default=None)
+    own, rest = p.parse_known_args(list(argv))
+    env = {}
+    if own.kvmul_metrics_port is not None:
+        env["SGLANG_KVMUL_METRICS_PORT"] = str(own.kvmul_metrics_port)
+    if own.kvmul_metrics_host is not None:
+        env["SGLANG_KVMUL_METRICS_HOST"] = own.kvmul_metrics_host
+    return rest, env
 
 
 def device_of(argv: Sequence[str], cuda: bool) -> str:

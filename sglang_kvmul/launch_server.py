@@ -1,7 +1,8 @@
 """`python -m sglang_kvmul.launch_server`: `sglang.launch_server` with the kvmul controller.
 
-Every `sglang.launch_server` flag works unchanged; see `launch_args` for the defaults added. On a
-machine without CUDA with `--device cpu`, the CPU compatibility environment is set up first.
+Every `sglang.launch_server` flag works unchanged; see `launch_args` for the defaults added. Own
+flags: `--kvmul-metrics-port P` (Prometheus metrics of the controller; `--kvmul-metrics-host`,
+default 127.0.0.1). With `--device cpu`, the CPU compatibility environment is set up first.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ def _cuda_available() -> bool:
 
 def prepare(argv: list[str]) -> list[str]:
     """Final argv, with the process environment prepared for it (before SGLang is imported)."""
-    from sglang_kvmul.launch_args import device_of, dp_size_of, with_kvmul_defaults
+    from sglang_kvmul.launch_args import device_of, dp_size_of, split_own_flags, with_kvmul_defaults
     from sglang_kvmul.ports import free_port_range
 
     cuda = _cuda_available()
+    argv, own_env = split_own_flags(argv)
+    os.environ.update(own_env)
     argv = with_kvmul_defaults(argv, cuda=cuda, free_port_range=free_port_range)
     if device_of(argv, cuda) == "cpu":
         from sglang_kvmul.cpu_compat import cpu_env

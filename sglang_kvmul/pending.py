@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sglang_kvmul.mirror import Namespace
-
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     """Longest common prefix by bisection over slice equality (C-speed comparisons)."""
@@ -31,7 +29,7 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 class _Entry:
     sent_at: float
     tokens: Sequence[int]
-    namespace: Namespace
+    root_hash: int | None  # first-page block hash: identifies the cache namespace
     prefilled_target: int  # the rank's cumulative prefilled tokens once this prompt is prefilled
 
 
@@ -46,16 +44,16 @@ class PendingPrefixes:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, now: float, tokens: Sequence[int], namespace: Namespace, prefilled_target: int) -> None:
+    def add(self, now: float, tokens: Sequence[int], root_hash: int | None, prefilled_target: int) -> None:
         # `tokens` is kept as given (never mutated by the caller); matching compares like types
-        self._entries.append(_Entry(now, tokens, namespace, prefilled_target))
+        self._entries.append(_Entry(now, tokens, root_hash, prefilled_target))
         if len(self._entries) > self.max_entries:
             del self._entries[0]
 
-    def match(self, tokens: Sequence[int], namespace: Namespace) -> int:
+    def match(self, tokens: Sequence[int], root_hash: int | None) -> int:
         best = 0
         for e in self._entries:
-            if e.namespace == namespace:
+            if e.root_hash == root_hash:
                 best = max(best, common_prefix_len(tokens, e.tokens))
         return best
 
@@ -63,11 +61,11 @@ class PendingPrefixes:
         self,
         now: float,
         prefilled: int,
-        is_cached: Callable[[Sequence[int], Namespace], bool],
+        is_cached: Callable[[Sequence[int], int | None], bool],
     ) -> None:
         """Drop expired entries, those the rank has prefilled by now, and those the mirror confirms."""
         self._entries = [
             e
             for e in self._entries
-            if now - e.sent_at < self.ttl and prefilled < e.prefilled_target and not is_cached(e.tokens, e.namespace)
+            if now - e.sent_at < self.ttl and prefilled < e.prefilled_target and not is_cached(e.tokens, e.root_hash)
         ]

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from sglang_kvmul.block_hash import DEFAULT, CacheNamespace, first_page_hash
 from sglang_kvmul.load_ledger import LoadSnapshotView, RankLoad
-from sglang_kvmul.mirror import DEFAULT_NAMESPACE, Namespace, RadixMirror, namespace_of
+from sglang_kvmul.mirror import RadixMirror
 from sglang_kvmul.pending import PendingPrefixes
 from sglang_kvmul.policy import kvmul_scores, pick_lowest
 from sglang_kvmul.prefix import cached_tokens
@@ -23,6 +24,7 @@ class Decision:
 
     rank: int
     prompt_len: int
+    root_hash: int | None  # the prompt's first-page block hash in its cache namespace
     cached: list[int]  # tokens each rank would serve from cache (mirror or in-flight credit)
     from_pending: list[bool]  # whether that figure came from an unconfirmed in-flight prompt
     queued: list[int]
@@ -45,36 +47,52 @@ class RouterStats:
     orphan_stores: int = 0
     unknown_events: int = 0
     clears: int = 0
+    stale_marks: int = 0
     per_rank_requests: list[int] = field(default_factory=list)
+    per_rank_prompt_tokens: list[int] = field(default_factory=list)
+    per_rank_predicted_cached: list[int] = field(default_factory=list)
+    last_scores: list[int] = field(default_factory=list)
 
 
 class KvmulRouter:
     """Chooses a DP rank per request by `(queued + uncached) * (batch + 1)`."""
 
-    def __init__(self, num_ranks: int, page_size: int, pending_ttl: float = 30.0) -> None:
+    def __init__(self, num_ranks: int, page_size: int, dynamo_events: bool = False, pending_ttl: float = 30.0) -> None:
+        """`dynamo_events`: SGLang publishes in the "dynamo" format (hashes also cover extra_key)."""
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
         self.num_ranks = num_ranks
         self.page_size = page_size
+        self.dynamo_events = dynamo_events
         self.mirrors = [RadixMirror(page_size) for _ in range(num_ranks)]
         self.loads = [RankLoad() for _ in range(num_ranks)]
         self.pending = [PendingPrefixes(ttl=pending_ttl) for _ in range(num_ranks)]
-        self.stats = RouterStats(per_rank_requests=[0] * num_ranks)
+        # A stale rank lost KV events for good: its mirror is not trusted (scored as caching
+        # nothing) until SGLang clears that cache (AllBlocksCleared) and the mirror restarts exact.
+        self.stale = [False] * num_ranks
+        self.stats = RouterStats(
+            per_rank_requests=[0] * num_ranks,
+            per_rank_prompt_tokens=[0] * num_ranks,
+            per_rank_predicted_cached=[0] * num_ranks,
+            last_scores=[0] * num_ranks,
+        )
         self._rotation = 0
 
     # ---- decisions -------------------------------------------------------------------------
-    def decide(
-        self,
-        tokens: Sequence[int],
-        limit: int,
-        namespace: Namespace = DEFAULT_NAMESPACE,
-    ) -> Decision:
+    def root_hash(self, tokens: Sequence[int], namespace: CacheNamespace = DEFAULT) -> int | None:
+        if len(tokens) < self.page_size:
+            return None
+        return first_page_hash(tokens, self.page_size, namespace, self.dynamo_events)
+
+    def decide(self, tokens: Sequence[int], limit: int, namespace: CacheNamespace = DEFAULT) -> Decision:
         """Score every rank for a prompt; `limit` is the longest prefix the scheduler may reuse."""
         n = len(tokens)
+        root = self.root_hash(tokens, namespace)
         cached, from_pending = [], []
         for r in range(self.num_ranks):
-            hit = cached_tokens(self.mirrors[r].match(tokens, namespace, limit), limit, self.page_size)
-            credit = cached_tokens(self.pending[r].match(tokens, namespace), limit, self.page_size)
+            matched = 0 if self.stale[r] else self.mirrors[r].match(tokens, root, limit)
+            hit = cached_tokens(matched, limit, self.page_size)
+            credit = cached_tokens(self.pending[r].match(tokens, root), limit, self.page_size)
             cached.append(max(hit, credit))
             from_pending.append(credit > hit)
         queued = [ld.queued_uncached for ld in self.loads]
@@ -82,34 +100,34 @@ class KvmulRouter:
         scores = kvmul_scores(queued, [n - c for c in cached], batch)
         rank, tie = pick_lowest(scores, queued, self._rotation)
         self._rotation += tie
-        return Decision(rank, n, cached, from_pending, queued, batch, scores)
+        return Decision(rank, n, root, cached, from_pending, queued, batch, scores)
 
-    def commit(
-        self, decision: Decision, tokens: Sequence[int], now: float, namespace: Namespace = DEFAULT_NAMESPACE
-    ) -> None:
+    def commit(self, decision: Decision, tokens: Sequence[int], now: float) -> None:
         """Book a dispatched request on its rank (also used for requests pinned by the user)."""
         r = decision.rank
         load = self.loads[r]
         load.on_dispatch(now, decision.prompt_len - decision.cached[r])
         if len(tokens) > self.page_size:
-            self.pending[r].add(now, tokens, namespace, load.prefilled_seen + load.queued_uncached)
-        self.stats.decisions += 1
-        self.stats.per_rank_requests[r] += 1
+            self.pending[r].add(now, tokens, decision.root_hash, load.prefilled_seen + load.queued_uncached)
+        st = self.stats
+        st.decisions += 1
+        st.per_rank_requests[r] += 1
+        st.per_rank_prompt_tokens[r] += decision.prompt_len
+        st.per_rank_predicted_cached[r] += decision.cached[r]
+        st.last_scores = decision.scores
 
-    def route(
-        self, tokens: Sequence[int], limit: int, now: float, namespace: Namespace = DEFAULT_NAMESPACE
-    ) -> Decision:
+    def route(self, tokens: Sequence[int], limit: int, now: float, namespace: CacheNamespace = DEFAULT) -> Decision:
         decision = self.decide(tokens, limit, namespace)
-        self.commit(decision, tokens, now, namespace)
+        self.commit(decision, tokens, now)
         return decision
 
     def assign(
-        self, rank: int, tokens: Sequence[int], limit: int, now: float, namespace: Namespace = DEFAULT_NAMESPACE
+        self, rank: int, tokens: Sequence[int], limit: int, now: float, namespace: CacheNamespace = DEFAULT
     ) -> Decision:
         """Book a request whose rank was fixed elsewhere (pinned, sticky session)."""
         decision = self.decide(tokens, limit, namespace)
         decision.rank = rank
-        self.commit(decision, tokens, now, namespace)
+        self.commit(decision, tokens, now)
         return decision
 
     # ---- inputs from the ranks -------------------------------------------------------------
@@ -119,18 +137,28 @@ class KvmulRouter:
         for ev in events:
             kind = type(ev).__name__
             if kind == "BlockStored":
-                ns = namespace_of(getattr(ev, "cache_salt", None), getattr(ev, "lora_name", None))
-                if not mirror.store(ev.block_hashes, ev.parent_block_hash, ev.token_ids, ns):
+                if not mirror.store(ev.block_hashes, ev.parent_block_hash, ev.token_ids):
                     self.stats.orphan_stores += 1
             elif kind == "BlockRemoved":
                 mirror.remove(ev.block_hashes)
             elif kind == "AllBlocksCleared":
                 mirror.clear()
+                self.stale[rank] = False
                 self.stats.clears += 1
             else:
                 self.stats.unknown_events += 1
                 continue
             self.stats.events_applied += 1
+
+    def rebuild(self, rank: int, events: Iterable[object]) -> None:
+        """Replace a rank's mirror by the given full event history (from its first batch)."""
+        self.mirrors[rank].clear()
+        self.stale[rank] = False
+        self.apply_events(rank, events)
+
+    def mark_stale(self, rank: int) -> None:
+        self.stale[rank] = True
+        self.stats.stale_marks += 1
 
     def apply_snapshot(self, rank: int, snap: LoadSnapshotView, now: float) -> None:
         load = self.loads[rank]
@@ -139,8 +167,8 @@ class KvmulRouter:
         mirror = self.mirrors[rank]
         ps = self.page_size
 
-        def confirmed(tokens: Sequence[int], ns: Namespace) -> bool:
+        def confirmed(tokens: Sequence[int], root: int | None) -> bool:
             limit = len(tokens) - 1
-            return mirror.match(tokens, ns, limit) >= limit - limit % ps
+            return mirror.match(tokens, root, limit) >= limit - limit % ps
 
         self.pending[rank].prune(now, load.prefilled_seen, confirmed)

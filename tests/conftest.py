@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from sglang_kvmul.local_server import LocalServer, cpu_server_args, running_server
+from sglang_kvmul.ports import free_port_range
 from sglang_kvmul.tiny_model import build
 
 MAX_TOTAL_TOKENS = 16384  # per rank; tests that need eviction use their own server
@@ -23,10 +24,11 @@ def tiny_model() -> Path:
 class Server:
     """A running server plus what the tests read from it."""
 
-    def __init__(self, server: LocalServer, decision_log: Path) -> None:
+    def __init__(self, server: LocalServer, decision_log: Path, metrics_port: int) -> None:
         self.server = server
         self.url = server.url
         self.decision_log = decision_log
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
     def generate(self, input_ids: list[int], rid: str, max_new_tokens: int = 8, **extra: object) -> requests.Response:
         body = {
@@ -46,10 +48,11 @@ class Server:
 
 def _server(tmp_dir: Path, model: Path, extra: list[str]) -> Iterator[Server]:
     log = tmp_dir / "decisions.jsonl"
-    args = ["--dp-size", "2", *cpu_server_args(MAX_TOTAL_TOKENS), *extra]
+    metrics_port = free_port_range(1)
+    args = ["--dp-size", "2", *cpu_server_args(MAX_TOTAL_TOKENS), "--kvmul-metrics-port", str(metrics_port), *extra]
     env = {"SGLANG_KVMUL_DECISION_LOG": str(log)}
     with running_server(model, args, tmp_dir / "server.log", env=env) as srv:
-        yield Server(srv, log)
+        yield Server(srv, log, metrics_port)
 
 
 @pytest.fixture(scope="session")

@@ -1,101 +1,123 @@
+"""The mirror's page tree, fed by SGLang's real radix cache and its real KV events."""
+
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sglang_cache import SGLangCache
 
-from sglang_kvmul.mirror import RadixMirror, namespace_of
+from sglang_kvmul.block_hash import DEFAULT, CacheNamespace, first_page_hash
+from sglang_kvmul.mirror import RadixMirror
 
 
-def _chain(mirror: RadixMirror, tokens, parent, first_hash):
-    """Store `tokens` (whole pages) under `parent`, hashes first_hash, first_hash+1, ..."""
-    n = len(tokens) // mirror.page_size
-    hashes = list(range(first_hash, first_hash + n))
-    assert mirror.store(hashes, parent, tokens)
-    return hashes
+def mirror_of(sg: SGLangCache, page_size: int, mirror: RadixMirror | None = None) -> RadixMirror:
+    mirror = mirror or RadixMirror(page_size)
+    for ev in sg.take_events():
+        kind = type(ev).__name__
+        if kind == "BlockStored":
+            assert mirror.store(ev.block_hashes, ev.parent_block_hash, ev.token_ids)
+        elif kind == "BlockRemoved":
+            mirror.remove(ev.block_hashes)
+        else:
+            mirror.clear()
+    return mirror
+
+
+def root(tokens, page_size, ns=DEFAULT, dynamo=False):
+    return first_page_hash(tokens, page_size, ns, dynamo) if len(tokens) >= page_size else None
 
 
 def test_match_follows_stored_pages_page_size_1():
-    m = RadixMirror(1)
-    h = _chain(m, [1, 2, 3, 4], None, 100)
-    assert m.match([1, 2, 3, 4, 5]) == 4
-    assert m.match([1, 2, 9]) == 2
-    assert m.match([9]) == 0
-    _chain(m, [5, 6], h[-1], 200)
-    assert m.match([1, 2, 3, 4, 5, 6, 7]) == 6
-    assert m.match([1, 2, 3, 4, 5, 6, 7], limit=5) == 5
+    sg = SGLangCache(1)
+    sg.insert([1, 2, 3, 4])
+    sg.insert([1, 2, 3, 4, 5, 6])
+    m = mirror_of(sg, 1)
+    q = [1, 2, 3, 4, 5, 6, 7]
+    assert m.match(q, root(q, 1)) == 6
+    assert m.match(q, root(q, 1), limit=5) == 5
+    assert m.match([1, 2, 9], root([1], 1)) == 2
+    assert m.match([9], root([9], 1)) == 0
     assert m.num_tokens == 6
 
 
 def test_match_is_page_granular():
-    m = RadixMirror(4)
-    _chain(m, list(range(12)), None, 1)
-    assert m.match(list(range(12))) == 12
-    assert m.match(list(range(11))) == 8  # the third page is incomplete in the prompt
-    assert m.match([0, 1, 2, 3, 4, 5, 99, 7]) == 4
+    sg = SGLangCache(4)
+    sg.insert(list(range(12)))
+    m = mirror_of(sg, 4)
+    r = root(list(range(4)), 4)
+    assert m.match(list(range(12)), r) == 12
+    assert m.match(list(range(11)), r) == 8  # the third page is incomplete in the prompt
+    assert m.match([0, 1, 2, 3, 4, 5, 99, 7], r) == 4
+    assert m.match([0, 1, 2], r) == 0  # shorter than a page
 
 
 def test_remove_drops_the_page_and_everything_below_it():
     m = RadixMirror(1)
-    h = _chain(m, [1, 2, 3], None, 10)
-    _chain(m, [4, 5], h[-1], 20)
+    r = root([1], 1)
+    assert m.store([r, 11, 12], None, [1, 2, 3])
+    assert m.store([20, 21], 12, [4, 5])
     assert m.remove([20, 21]) == 2
-    assert m.match([1, 2, 3, 4, 5]) == 3
-    assert m.remove([12]) == 1
-    assert m.match([1, 2, 3]) == 2
+    assert m.match([1, 2, 3, 4, 5], r) == 3
+    assert m.remove([11]) == 2
+    assert m.match([1, 2, 3], r) == 1
     assert m.remove([999]) == 0
-
-
-def test_clear_and_namespaces():
-    m = RadixMirror(1)
-    salted = namespace_of("salt", None)
-    assert namespace_of("", None) == namespace_of(None, None)
-    assert m.store([1, 2], None, [7, 8], salted)
-    assert m.match([7, 8, 9]) == 0
-    assert m.match([7, 8, 9], salted) == 2
-    m.clear()
-    assert m.match([7, 8, 9], salted) == 0
-    assert m.num_pages == 0
 
 
 def test_store_with_unknown_parent_is_refused_and_counted():
     m = RadixMirror(1)
     assert not m.store([5], 12345, [1])
     assert m.orphan_blocks == 1
-    assert m.match([1]) == 0
+    assert m.match([1], root([1], 1)) == 0
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(min_value=0, max_value=2**31), st.sampled_from([1, 2, 4]))
-def test_random_inserts_and_evictions_match_a_reference_set(seed, page_size):
-    """Against a plain set of cached page-paths: match = longest prefix whose pages are all cached."""
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_namespaces_are_separate_subtrees(dynamo):
+    lora = CacheNamespace.of_request(None, None, "L1")
+    ns = [CacheNamespace(), CacheNamespace("salt-a"), lora]
+    if dynamo:
+        ns.append(CacheNamespace(extra_key="tenant-x"))
+    sg = SGLangCache(1, dynamo=dynamo, lora_ids=("L1",))
+    tokens = [7, 8, 9, 10]
+    sg.insert(tokens, ns[1])
+    m = mirror_of(sg, 1)
+    for n in ns:
+        expect = 4 if n == ns[1] else 0
+        assert m.match(tokens, root(tokens, 1, n, dynamo)) == expect == sg.match(tokens, n)
+
+
+OPS = ("insert", "insert", "insert", "evict", "flush_rarely")
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=2**31), page_size=st.sampled_from([1, 16]), dynamo=st.booleans())
+def test_mirror_equals_sglang_match_prefix_after_every_step(seed, page_size, dynamo):
+    """Random inserts, evictions and flushes in SGLang's RadixCache; after every step the mirror's
+    match equals SGLang's match_prefix for prompts in every namespace (plain, salted, LoRA, and
+    extra_key in the dynamo format)."""
     rng = random.Random(seed)
-    m = RadixMirror(page_size)
-    cached: dict[tuple, int] = {}  # page-aligned prefix -> hash of its last page
-    next_hash = 1
-    for _ in range(40):
-        prompt = [rng.randrange(3) for _ in range(page_size * rng.randrange(1, 6))]
-        if rng.random() < 0.7:
-            # insert the uncached tail of `prompt`, as SGLang would after a prefill
-            done = 0
-            while done < len(prompt) and tuple(prompt[: done + page_size]) in cached:
-                done += page_size
-            if done < len(prompt):
-                parent = cached[tuple(prompt[:done])] if done else None
-                tail = prompt[done:]
-                hashes = list(range(next_hash, next_hash + len(tail) // page_size))
-                next_hash += len(hashes)
-                m.store(hashes, parent, tail)
-                for i, h in enumerate(hashes):
-                    cached[tuple(prompt[: done + (i + 1) * page_size])] = h
-        else:
-            # evict one leaf page (SGLang evicts leaves only)
-            leaves = [k for k in cached if not any(len(o) > len(k) and o[: len(k)] == k for o in cached)]
-            if leaves:
-                leaf = rng.choice(leaves)
-                m.remove([cached.pop(leaf)])
-        query = [rng.randrange(3) for _ in range(page_size * 6)]
-        expect = 0
-        while tuple(query[: expect + page_size]) in cached and expect < len(query):
-            expect += page_size
-        assert m.match(query) == expect
-        assert m.num_pages == len(cached)
+    namespaces = [CacheNamespace(), CacheNamespace("s1"), CacheNamespace.of_request(None, None, "L1")]
+    if dynamo:
+        namespaces.append(CacheNamespace(extra_key="tenant"))
+    sg = SGLangCache(page_size, dynamo=dynamo, lora_ids=("L1",))
+    m = mirror_of(sg, page_size)
+    stems = [[rng.randrange(5) for _ in range(page_size * 4)] for _ in range(3)]
+
+    def prompt():
+        stem = rng.choice(stems)[: page_size * rng.randrange(1, 5)]
+        return stem + [rng.randrange(5) for _ in range(rng.randrange(0, 3 * page_size))]
+
+    for _ in range(30):
+        op = rng.choice(OPS)
+        if op == "insert":
+            sg.insert(prompt(), rng.choice(namespaces))
+        elif op == "evict":
+            sg.evict(rng.randrange(1, 4) * page_size)
+        elif rng.random() < 0.2:
+            sg.flush()
+        m = mirror_of(sg, page_size, m)
+        for _ in range(4):
+            q, ns = prompt(), rng.choice(namespaces)
+            expect = sg.match(q, ns)
+            assert m.match(q, root(q, page_size, ns, dynamo)) == expect, (q, ns)
+    assert m.orphan_blocks == 0

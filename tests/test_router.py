@@ -3,14 +3,18 @@
 from sglang.srt.disaggregation.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from sglang.srt.managers.load_snapshot import LoadSnapshot
 
+from sglang_kvmul.block_hash import CacheNamespace, first_page_hash
 from sglang_kvmul.load_ledger import RankLoad
 from sglang_kvmul.pending import common_prefix_len
 from sglang_kvmul.router import KvmulRouter
 
 
-def stored(hashes, parent, tokens, salt=None):
+def stored(tokens, salt=None, first_hash=1000):
+    """A root-level BlockStored for `tokens` (page size 1), with SGLang's first-page hash."""
+    ns = CacheNamespace(salt)
+    hashes = [first_page_hash(tokens, 1, ns), *list(range(first_hash, first_hash + len(tokens) - 1))]
     return BlockStored(
-        block_hashes=hashes, parent_block_hash=parent, token_ids=tokens, block_size=1, lora_id=None, cache_salt=salt
+        block_hashes=hashes, parent_block_hash=None, token_ids=tokens, block_size=1, lora_id=None, cache_salt=salt
     )
 
 
@@ -29,7 +33,7 @@ PREFIX = list(range(100, 200))
 
 def test_request_goes_to_the_rank_holding_its_prefix():
     r = KvmulRouter(num_ranks=3, page_size=1)
-    r.apply_events(2, [stored(list(range(1, 101)), None, PREFIX)])
+    r.apply_events(2, [stored(PREFIX)])
     d = r.route([*PREFIX, 1, 2, 3], limit=102, now=1.0)
     assert d.rank == 2
     assert d.cached == [0, 0, 100]
@@ -38,14 +42,11 @@ def test_request_goes_to_the_rank_holding_its_prefix():
 
 def test_cached_prediction_respects_len_minus_one_and_pages():
     r = KvmulRouter(num_ranks=1, page_size=4)
-    r.apply_events(
-        0,
-        [
-            BlockStored(
-                block_hashes=[1, 2], parent_block_hash=None, token_ids=list(range(8)), block_size=4, lora_id=None
-            )
-        ],
+    first = first_page_hash(list(range(4)), 4)
+    ev = BlockStored(
+        block_hashes=[first, 2], parent_block_hash=None, token_ids=list(range(8)), block_size=4, lora_id=None
     )
+    r.apply_events(0, [ev])
     # whole prompt cached: the last token is recomputed, and 7 floors to one page
     assert r.decide(list(range(8)), limit=7).cached == [4]
     assert r.decide(list(range(9)), limit=8).cached == [8]
@@ -53,7 +54,8 @@ def test_cached_prediction_respects_len_minus_one_and_pages():
 
 def test_removed_and_cleared_blocks_stop_counting():
     r = KvmulRouter(num_ranks=1, page_size=1)
-    r.apply_events(0, [stored([1, 2, 3], None, [5, 6, 7]), BlockRemoved(block_hashes=[3])])
+    ev = stored([5, 6, 7])
+    r.apply_events(0, [ev, BlockRemoved(block_hashes=[ev.block_hashes[2]])])
     assert r.decide([5, 6, 7, 8], limit=3).cached == [2]
     r.apply_events(0, [AllBlocksCleared()])
     assert r.decide([5, 6, 7, 8], limit=3).cached == [0]
@@ -62,9 +64,9 @@ def test_removed_and_cleared_blocks_stop_counting():
 
 def test_salted_blocks_only_serve_the_same_salt():
     r = KvmulRouter(num_ranks=2, page_size=1)
-    r.apply_events(1, [stored([1, 2, 3], None, [5, 6, 7], salt="tenant-a")])
+    r.apply_events(1, [stored([5, 6, 7], salt="tenant-a")])
     assert r.decide([5, 6, 7, 8], limit=3).cached == [0, 0]
-    assert r.decide([5, 6, 7, 8], limit=3, namespace=("tenant-a", None)).cached == [0, 3]
+    assert r.decide([5, 6, 7, 8], limit=3, namespace=CacheNamespace("tenant-a")).cached == [0, 3]
 
 
 def test_burst_spreads_by_load_and_siblings_follow_in_flight_prompts():

@@ -108,3 +108,26 @@ def test_batch_requests_and_health_checks_are_dispatched(kvmul_server):
     assert resp.status_code == 200, resp.text
     assert len(resp.json()) == 4
     assert requests.get(kvmul_server.url + "/health_generate", timeout=60).status_code == 200
+
+
+def test_prometheus_metrics_describe_the_decisions(kvmul_server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rng = random.Random(6)
+    prefix = ids(rng, 300)
+    for i in range(3):
+        assert kvmul_server.generate(prefix + ids(rng, 8), rid=f"metrics-{i}").status_code == 200
+    text = requests.get(kvmul_server.metrics_url, timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, s.labels.get("rank"))] = s.value
+    decided = [d for d in kvmul_server.decisions().values() if not d["pinned"]]
+    assert samples[("kvmul_decisions_total", None)] == len(decided)
+    assert sum(samples[("kvmul_routed_requests_total", r)] for r in "01") == len(kvmul_server.decisions())
+    predicted = sum(d["predicted_cached"] for d in kvmul_server.decisions().values())
+    assert sum(samples[("kvmul_predicted_hit_tokens_total", r)] for r in "01") == predicted
+    assert samples[("kvmul_stale", "0")] == 0 and samples[("kvmul_stale", "1")] == 0
+    assert samples[("kvmul_event_batches_total", "0")] + samples[("kvmul_event_batches_total", "1")] > 0
+    assert samples[("kvmul_mirror_tokens", "0")] + samples[("kvmul_mirror_tokens", "1")] >= 300
+    assert samples[("kvmul_malformed_messages_total", "0")] == 0

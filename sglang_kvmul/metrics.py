@@ -1,0 +1,99 @@
+"""Prometheus metrics of the kvmul controller, served on 127.0.0.1 unless told otherwise.
+
+A custom collector reads the router's and the event streams' own counters at scrape time, so
+the dispatch path does no metrics work at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sglang_kvmul.kv_events import RankEventStream
+from sglang_kvmul.router import KvmulRouter
+
+METRICS_PORT_ENV = "SGLANG_KVMUL_METRICS_PORT"
+METRICS_HOST_ENV = "SGLANG_KVMUL_METRICS_HOST"
+
+
+class KvmulCollector(Collector):
+    def __init__(
+        self, router: KvmulRouter, streams: Sequence[RankEventStream], counters: Callable[[], dict[str, int]]
+    ) -> None:
+        self.router = router
+        self.streams = streams
+        self.counters = counters  # controller-level totals (rejected requests, ingestion errors)
+
+    def _per_rank(self, family, values) -> GaugeMetricFamily | CounterMetricFamily:
+        for rank, value in enumerate(values):
+            family.add_metric([str(rank)], value)
+        return family
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        r = self.router
+        st = r.stats
+        yield CounterMetricFamily("kvmul_decisions", "Requests routed by the kvmul rule", value=st.decisions)
+        rank = ["rank"]
+        yield self._per_rank(
+            CounterMetricFamily("kvmul_routed_requests", "Requests sent to each rank", labels=rank),
+            st.per_rank_requests,
+        )
+        yield self._per_rank(
+            CounterMetricFamily("kvmul_prompt_tokens", "Prompt tokens sent to each rank", labels=rank),
+            st.per_rank_prompt_tokens,
+        )
+        yield self._per_rank(
+            CounterMetricFamily(
+                "kvmul_predicted_hit_tokens", "Prompt tokens predicted to be served from each rank's cache", labels=rank
+            ),
+            st.per_rank_predicted_cached,
+        )
+        yield self._per_rank(
+            GaugeMetricFamily("kvmul_queued_uncached_tokens", "Queued prefill tokens per rank", labels=rank),
+            [ld.queued_uncached for ld in r.loads],
+        )
+        yield self._per_rank(
+            GaugeMetricFamily("kvmul_batch_size", "Running + waiting requests per rank", labels=rank),
+            [ld.batch_size for ld in r.loads],
+        )
+        yield self._per_rank(
+            GaugeMetricFamily("kvmul_last_score", "Each rank's score in the latest decision", labels=rank),
+            st.last_scores,
+        )
+        yield self._per_rank(
+            GaugeMetricFamily("kvmul_mirror_tokens", "Tokens in each rank's cache mirror", labels=rank),
+            [m.num_tokens for m in r.mirrors],
+        )
+        yield self._per_rank(
+            GaugeMetricFamily("kvmul_inflight_prompts", "Dispatched prompts not yet confirmed by events", labels=rank),
+            [len(p) for p in r.pending],
+        )
+        yield self._per_rank(
+            GaugeMetricFamily("kvmul_stale", "1 while a rank's mirror is untrusted after lost events", labels=rank),
+            [int(s) for s in r.stale],
+        )
+        yield CounterMetricFamily("kvmul_stale_marks", "Times a rank was marked stale", value=st.stale_marks)
+        for name, doc, attr in (
+            ("kvmul_event_batches", "KV-event batches received live", "batches"),
+            ("kvmul_replayed_batches", "KV-event batches fetched from the replay endpoint", "replayed_batches"),
+            ("kvmul_duplicate_batches", "KV-event batches dropped as duplicates", "duplicates"),
+            ("kvmul_malformed_messages", "KV-event messages dropped as malformed", "malformed"),
+            ("kvmul_event_gaps", "Sequence gaps detected", "gaps"),
+            ("kvmul_unrecovered_gaps", "Sequence gaps the replay could not fill", "unrecovered_gaps"),
+            ("kvmul_publisher_restarts", "KV-event publisher restarts seen", "restarts"),
+        ):
+            family = CounterMetricFamily(name, doc, labels=rank)
+            for s in self.streams:
+                family.add_metric([str(s.rank)], getattr(s.stats, attr))
+            yield family
+        for name, value in self.counters().items():
+            yield CounterMetricFamily(f"kvmul_{name}", name.replace("_", " "), value=value)
+
+
+def serve(collector: KvmulCollector, port: int, host: str = "127.0.0.1") -> None:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    start_http_server(port, addr=host, registry=registry)
