@@ -35,7 +35,9 @@ class KvmulCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         r = self.router
         st = r.stats
-        yield CounterMetricFamily("kvmul_decisions", "Requests routed by the kvmul rule", value=st.decisions)
+        yield CounterMetricFamily(
+            "kvmul_decisions", "Requests booked on a rank (routed by the rule or pinned)", value=st.decisions
+        )
         rank = ["rank"]
         yield self._per_rank(
             CounterMetricFamily("kvmul_routed_requests", "Requests sent to each rank", labels=rank),
