@@ -100,7 +100,8 @@ class KvmulDataParallelController(DataParallelController):
                     self.router.mark_stale(r)
         self._maybe_serve_metrics()
         logger.info(
-            "kvmul: routing %d DP ranks, page size %d, %s-format KV events %s",
+            "kvmul (%s): routing %d DP ranks, page size %d, %s-format KV events %s",
+            __name__,
             num_ranks,
             page_size,
             "dynamo" if self.router.dynamo_events else "default",

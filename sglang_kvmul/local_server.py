@@ -86,15 +86,16 @@ def start_server(
     port: int | None = None,
     timeout: float = 240.0,
     attempts: int = 3,
+    command: Sequence[str] | None = None,
 ) -> LocalServer:
-    """Launch `python -m <launcher>` and wait until /health answers.
+    """Launch `python -m <launcher>` (or `command`, told its port by $PORT) and wait for /health.
 
     A start that loses a race for one of its ports (another process bound it between our check
     and the server's bind) is retried on fresh ports.
     """
     for attempt in range(attempts):
         try:
-            return _start_once(model_path, args, log_path, launcher, env, port, timeout)
+            return _start_once(model_path, args, log_path, launcher, env, port, timeout, command)
         except RuntimeError:
             lost_race = "address already in use" in log_path.read_text(errors="replace")
             if not lost_race or attempt == attempts - 1:
@@ -111,10 +112,15 @@ def _start_once(
     env: dict[str, str] | None,
     port: int | None,
     timeout: float,
+    command: Sequence[str] | None,
 ) -> LocalServer:
     port = port or free_port_range(1)
-    cmd = [sys.executable, "-m", launcher, "--model-path", str(model_path), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += list(args)
+    if command is not None:
+        cmd = [*command, *args]
+        env = {**(env or {}), "PORT": str(port), "MODEL": str(model_path)}
+    else:
+        cmd = [sys.executable, "-m", launcher, "--model-path", str(model_path), "--host", "127.0.0.1"]
+        cmd += ["--port", str(port), *args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     shm_before = set(glob.glob(SHM_GLOB))
     with open(log_path, "w") as log:

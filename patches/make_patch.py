@@ -1,0 +1,154 @@
+"""Generate the upstream patch that adds `kvmul` as a native `--load-balance-method` to SGLang.
+
+The patch is made from this package's own sources, so it never drifts from them:
+  * the controller and everything below it (pure policy and mirror code, the event stream, the
+    metrics) are copied to `python/sglang/srt/managers/kvmul/`, imports rewritten;
+  * three upstream files get small edits: the CLI choice, the `LoadBalanceMethod` enum and the
+    construction of the controller, and the load-snapshot ownership rule.
+The pristine upstream files are read from the installed SGLang and checked against the release
+wheel's own RECORD hashes, so they are the bytes of the pinned release.
+
+    python patches/make_patch.py            # rewrite patches/sglang-0.5.23-kvmul.patch
+    python patches/make_patch.py --check    # exit 1 if the committed patch is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import difflib
+import hashlib
+import importlib.metadata
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "sglang_kvmul"
+VERSION = "0.5.23"
+PATCH = Path(__file__).resolve().parent / f"sglang-{VERSION}-kvmul.patch"
+TARGET_PKG = "sglang/srt/managers/kvmul"
+
+# The controller and what it imports; the launcher, plugin, demo and CPU shims are not needed upstream.
+MODULES = [
+    "__init__.py",
+    "policy.py",
+    "prefix.py",
+    "block_hash.py",
+    "mirror.py",
+    "load_ledger.py",
+    "pending.py",
+    "router.py",
+    "kv_events.py",
+    "metrics.py",
+    "controller.py",
+]
+
+# (upstream file, [(anchor, replacement)]): each anchor must occur exactly once.
+EDITS: dict[str, list[tuple[str, str]]] = {
+    "sglang/srt/arg_groups/fields/parallel.py": [
+        (
+            '                "total_tokens",\n            ],\n        ),\n    ] = "auto"',
+            '                "total_tokens",\n                "kvmul",\n            ],\n        ),\n    ] = "auto"',
+        ),
+    ],
+    "sglang/srt/managers/load_snapshot.py": [
+        (
+            '_LOAD_AWARE_METHODS = frozenset({"total_requests", "total_tokens"})',
+            '_LOAD_AWARE_METHODS = frozenset({"total_requests", "total_tokens", "kvmul"})',
+        ),
+    ],
+    "sglang/srt/managers/data_parallel_controller.py": [
+        (
+            "    TOTAL_TOKENS = auto()\n",
+            "    TOTAL_TOKENS = auto()\n"
+            "    # Exact KV-cache x batch-size rule (sglang/srt/managers/kvmul).\n"
+            "    KVMUL = auto()\n",
+        ),
+        (
+            "            LoadBalanceMethod.TOTAL_TOKENS: self.total_tokens_scheduler,\n        }",
+            "            LoadBalanceMethod.TOTAL_TOKENS: self.total_tokens_scheduler,\n"
+            "            # The kvmul subclass installs its own dispatcher over this base.\n"
+            "            LoadBalanceMethod.KVMUL: self.round_robin_scheduler,\n        }",
+        ),
+        (
+            "        controller = DataParallelController(\n",
+            "        controller_cls = DataParallelController\n"
+            '        if get_parallel().load_balance_method == "kvmul":\n'
+            "            from sglang.srt.managers.kvmul.controller import (\n"
+            "                KvmulDataParallelController as controller_cls,\n"
+            "            )\n"
+            "        controller = controller_cls(\n",
+        ),
+    ],
+}
+
+
+def installed_sglang_root() -> Path:
+    dist = importlib.metadata.distribution("sglang")
+    if dist.version != VERSION:
+        raise SystemExit(f"installed sglang is {dist.version}, the patch targets {VERSION}")
+    return Path(str(dist.locate_file("")))
+
+
+def pristine(relpath: str) -> str:
+    """An upstream file's text, verified against the release wheel's RECORD hash."""
+    dist = importlib.metadata.distribution("sglang")
+    record = {row[0]: row[1] for row in csv.reader((dist.read_text("RECORD") or "").splitlines()) if row}
+    data = (installed_sglang_root() / relpath).read_bytes()
+    algo, _, expected = record[relpath].partition("=")
+    digest = base64.urlsafe_b64encode(hashlib.new(algo, data).digest()).rstrip(b"=").decode()
+    if digest != expected:
+        raise SystemExit(f"{relpath} differs from the sglang {VERSION} wheel (is the installed SGLang patched?)")
+    return data.decode()
+
+
+def upstream_module(name: str) -> str:
+    text = (PKG / name).read_text()
+    text = re.sub(r"\bsglang_kvmul\b", "sglang.srt.managers.kvmul", text)
+    header = f"# Generated from sglang-kvmul's sglang_kvmul/{name} by patches/make_patch.py; edit it there.\n"
+    return header + text
+
+
+def _diff(path: str, old: str, new: str) -> str:
+    a = f"a/python/{path}" if old else "/dev/null"
+    lines = difflib.unified_diff(
+        old.splitlines(keepends=True), new.splitlines(keepends=True), fromfile=a, tofile=f"b/python/{path}", n=3
+    )
+    body = "".join(lines)
+    mode = "" if old else "new file mode 100644\n"
+    return f"diff --git a/python/{path} b/python/{path}\n{mode}{body}"
+
+
+def build_patch() -> str:
+    parts = []
+    for path, edits in EDITS.items():
+        old = pristine(path)
+        new = old
+        for anchor, replacement in edits:
+            if new.count(anchor) != 1:
+                raise SystemExit(f"{path}: anchor found {new.count(anchor)} times: {anchor!r}")
+            new = new.replace(anchor, replacement)
+        parts.append(_diff(path, old, new))
+    for name in MODULES:
+        parts.append(_diff(f"{TARGET_PKG}/{name}", "", upstream_module(name)))
+    return "".join(parts)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="fail if the committed patch is not current")
+    args = ap.parse_args()
+    patch = build_patch()
+    if args.check:
+        current = PATCH.exists() and PATCH.read_text() == patch
+        print(f"{PATCH.name}: {'current' if current else 'STALE (run patches/make_patch.py)'}")
+        return 0 if current else 1
+    PATCH.write_text(patch)
+    print(f"wrote {PATCH} ({len(patch.splitlines())} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
