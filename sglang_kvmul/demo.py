@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=6)
     ap.add_argument("--per-group", type=int, default=6)
     ap.add_argument("--prefix-len", type=int, default=512)
-    ap.add_argument("--request-rate", type=float, default=4.0)
+    ap.add_argument("--request-rate", type=float, default=2.0)
     ap.add_argument("--out-dir", type=Path, default=Path("runs/demo"))
     a = ap.parse_args()
 

@@ -8,6 +8,7 @@ test uses a raw ZMQ PUB socket: a real server never sends malformed data.
 
 from __future__ import annotations
 
+import atexit
 import time
 
 import msgspec
@@ -41,12 +42,14 @@ class Harness:
         self.router = KvmulRouter(num_ranks=1, page_size=1)
 
     def new_publisher(self) -> ZmqEventPublisher:
-        return ZmqEventPublisher(
+        publisher = ZmqEventPublisher(
             attn_dp_rank=0,
             endpoint=f"tcp://127.0.0.1:{self.pub_port}",
             replay_endpoint=f"tcp://127.0.0.1:{self.replay_port}",
             bind=True,
         )
+        atexit.unregister(publisher.shutdown)  # the tests shut it down themselves
+        return publisher
 
     def publish(self, *events) -> None:
         self.publisher.publish(KVEventBatch(ts=time.time(), events=list(events)))

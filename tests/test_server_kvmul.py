@@ -94,3 +94,24 @@ def test_prometheus_metrics_describe_the_decisions(kvmul_server):
     assert samples[("kvmul_event_batches_total", "0")] + samples[("kvmul_event_batches_total", "1")] > 0
     assert samples[("kvmul_mirror_tokens", "0")] + samples[("kvmul_mirror_tokens", "1")] >= 300
     assert samples[("kvmul_malformed_messages_total", "0")] == 0
+
+
+def test_chunked_prefill_and_logprob_cap_are_predicted_exactly(kvmul_server):
+    """A prompt longer than the chunked-prefill budget (4096) is prefilled in chunks; a logprob
+    request caps reuse at logprob_start_len. The prediction must equal SGLang's report for both."""
+    rng = random.Random(7)
+    long_prompt = ids(rng, 4600)
+    checks = [
+        ("chunked-0", long_prompt, {}),
+        ("chunked-1", long_prompt[:4500] + ids(rng, 40), {}),
+        ("logprob-0", long_prompt[:1000] + ids(rng, 10), {"return_logprob": True, "logprob_start_len": 300}),
+    ]
+    reported = {}
+    for rid, prompt, extra in checks:
+        resp = kvmul_server.generate(prompt, rid=rid, max_new_tokens=4, **extra)
+        assert resp.status_code == 200, resp.text
+        reported[rid] = resp.json()["meta_info"]["cached_tokens"]
+    decisions = kvmul_server.decisions()
+    for rid, _, _ in checks:
+        assert decisions[rid]["predicted_cached"] == reported[rid], (rid, decisions[rid], reported[rid])
+    assert reported["chunked-1"] == 4500 and reported["logprob-0"] == 300
