@@ -30,6 +30,7 @@ from sglang_kvmul import METHOD_NAME
 from sglang_kvmul.block_hash import CacheNamespace
 from sglang_kvmul.kv_events import RankEventStream, rank_endpoint
 from sglang_kvmul.metrics import METRICS_HOST_ENV, METRICS_PORT_ENV, KvmulCollector, serve
+from sglang_kvmul.policies import rule_by_name
 from sglang_kvmul.prefix import max_prefix_len
 from sglang_kvmul.router import Decision, KvmulRouter
 
@@ -39,6 +40,8 @@ DECISION_LOG_ENV = "SGLANG_KVMUL_DECISION_LOG"
 # Opt-in: give stock methods the same blocking Poller loop (SGLang 0.5.23's loop spins a core).
 # Off by default so that stock methods stay exactly stock; benchmarks turn it on for fairness.
 POLL_ALL_METHODS_ENV = "SGLANG_KVMUL_POLL_ALL_METHODS"
+# The routing rule (policies.rule_by_name): kvmul by default; the baselines are for comparisons.
+POLICY_ENV = "SGLANG_KVMUL_POLICY"
 SNAPSHOT_REFRESH_S = 0.005  # re-read SGLang's SHM load snapshots at most this often
 POLL_MS = 100  # idle wake-up, so the soft watchdog keeps being fed
 MAX_STICKY_SESSIONS = 100_000
@@ -61,7 +64,9 @@ class KvmulDataParallelController(DataParallelController):
     def _init_kvmul(self, server_args: Any, port_args: Any) -> None:
         num_ranks = get_parallel().num_dp_ranks
         page_size = int(get_schedule().page_size or 1)
-        self.router = KvmulRouter(num_ranks, page_size, dynamo_events=uses_dynamo_format(server_args.kv_events_config))
+        rule = rule_by_name(os.environ.get(POLICY_ENV, "kvmul"))
+        dynamo_events = uses_dynamo_format(server_args.kv_events_config)
+        self.router = KvmulRouter(num_ranks, page_size, dynamo_events=dynamo_events, rule=rule)
         self.dispatching = self.kvmul_scheduler
         self.sessions: OrderedDict[str, int] = OrderedDict()
         self.rejected_requests = 0
@@ -100,8 +105,9 @@ class KvmulDataParallelController(DataParallelController):
                     self.router.mark_stale(r)
         self._maybe_serve_metrics()
         logger.info(
-            "kvmul (%s): routing %d DP ranks, page size %d, %s-format KV events %s",
+            "kvmul (%s): rule %s, %d DP ranks, page size %d, %s-format KV events %s",
             __name__,
+            rule.__name__,
             num_ranks,
             page_size,
             "dynamo" if self.router.dynamo_events else "default",

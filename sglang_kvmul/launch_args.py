@@ -73,8 +73,14 @@ def split_own_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--kvmul-metrics-port", type=int, default=None)
     p.add_argument("--kvmul-metrics-host", default=None)
+    p.add_argument("--kvmul-policy", default=None)
     own, rest = p.parse_known_args(list(argv))
     env = {}
+    if own.kvmul_policy is not None:
+        from sglang_kvmul.policies import rule_by_name
+
+        rule_by_name(own.kvmul_policy)  # reject an unknown rule before starting anything
+        env["SGLANG_KVMUL_POLICY"] = own.kvmul_policy
     if own.kvmul_metrics_port is not None:
         env["SGLANG_KVMUL_METRICS_PORT"] = str(own.kvmul_metrics_port)
     if own.kvmul_metrics_host is not None:

@@ -2,7 +2,9 @@
 
 Every `sglang.launch_server` flag works unchanged; see `launch_args` for the defaults added. Own
 flags: `--kvmul-metrics-port P` (Prometheus metrics of the controller; `--kvmul-metrics-host`,
-default 127.0.0.1). With `--device cpu`, the CPU compatibility environment is set up first.
+default 127.0.0.1) and `--kvmul-policy NAME` (a baseline rule on the same exact inputs, for
+comparisons: cache_only, load_only, vllm_v1, linear:<alpha>, dynamo, sglang_cache_aware).
+With `--device cpu`, the CPU compatibility environment is set up first.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ def prepare(argv: list[str]) -> list[str]:
     from sglang_kvmul.ports import free_port_range
 
     cuda = _cuda_available()
-    argv, own_env = split_own_flags(argv)
+    try:
+        argv, own_env = split_own_flags(argv)
+    except ValueError as exc:
+        raise SystemExit(f"sglang_kvmul.launch_server: {exc}") from None
     os.environ.update(own_env)
     argv = with_kvmul_defaults(argv, cuda=cuda, free_port_range=free_port_range)
     if device_of(argv, cuda) == "cpu":

@@ -24,6 +24,7 @@ class LoadSnapshotView:
     num_waiting_reqs: int
     num_waiting_uncached_tokens: int
     total_prefill_uncached_tokens: int
+    num_total_tokens: int = 0  # KV tokens held by requests, plus the pending ones
 
 
 @dataclass
@@ -31,27 +32,49 @@ class RankLoad:
     """Load of one rank: batch size and queued uncached prefill tokens."""
 
     snap_time: float = 0.0
-    snap_reqs: int = 0
+    snap_running: int = 0
+    snap_waiting: int = 0
+    snap_kv_tokens: int = 0
     prefilled_seen: int = 0
     queued_uncached: int = 0
     recent: deque[tuple[float, int]] = field(default_factory=deque)  # (dispatch time, uncached)
     resyncs: int = 0  # times an idle snapshot reset the queued-token ledger
 
+    kv_since: int = 0  # prompt tokens dispatched since the last snapshot
+
+    @property
+    def running(self) -> int:
+        return self.snap_running
+
+    @property
+    def waiting(self) -> int:
+        """Waiting at the last snapshot, plus requests dispatched since."""
+        return self.snap_waiting + len(self.recent)
+
     @property
     def batch_size(self) -> int:
         """Running + waiting at the last snapshot, plus requests dispatched since."""
-        return self.snap_reqs + len(self.recent)
+        return self.snap_running + self.snap_waiting + len(self.recent)
 
-    def on_dispatch(self, now: float, uncached: int) -> None:
+    @property
+    def kv_tokens(self) -> int:
+        """KV tokens the rank's requests hold or will hold (Dynamo's active blocks, in tokens)."""
+        return self.snap_kv_tokens + self.kv_since
+
+    def on_dispatch(self, now: float, uncached: int, prompt_len: int = 0) -> None:
         self.recent.append((now, uncached))
         self.queued_uncached += uncached
+        self.kv_since += prompt_len
 
     def on_snapshot(self, snap: LoadSnapshotView) -> bool:
         """Fold in a snapshot; returns False if it is not newer than the last one."""
         if snap.timestamp <= self.snap_time:
             return False
         self.snap_time = snap.timestamp
-        self.snap_reqs = snap.num_running_reqs + snap.num_waiting_reqs
+        self.snap_running = snap.num_running_reqs
+        self.snap_waiting = snap.num_waiting_reqs
+        self.snap_kv_tokens = getattr(snap, "num_total_tokens", 0)
+        self.kv_since = 0
         done = snap.total_prefill_uncached_tokens - self.prefilled_seen
         if done < 0:  # the scheduler restarted and its counter began again
             done = snap.total_prefill_uncached_tokens

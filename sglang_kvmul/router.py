@@ -14,7 +14,7 @@ from sglang_kvmul.block_hash import DEFAULT, CacheNamespace, first_page_hash
 from sglang_kvmul.load_ledger import LoadSnapshotView, RankLoad
 from sglang_kvmul.mirror import RadixMirror
 from sglang_kvmul.pending import PendingPrefixes
-from sglang_kvmul.policy import kvmul_scores, pick_lowest
+from sglang_kvmul.policies import RankView, Rule, kvmul
 from sglang_kvmul.prefix import cached_tokens
 
 
@@ -29,7 +29,7 @@ class Decision:
     from_pending: list[bool]  # whether that figure came from an unconfirmed in-flight prompt
     queued: list[int]
     batch: list[int]
-    scores: list[int]
+    scores: list[float]  # the rule's cost per rank (lowest wins)
 
     @property
     def uncached(self) -> list[int]:
@@ -55,10 +55,19 @@ class RouterStats:
 
 
 class KvmulRouter:
-    """Chooses a DP rank per request by `(queued + uncached) * (batch + 1)`."""
+    """Chooses a DP rank per request, by default with `(queued + uncached) * (batch + 1)`."""
 
-    def __init__(self, num_ranks: int, page_size: int, dynamo_events: bool = False, pending_ttl: float = 30.0) -> None:
-        """`dynamo_events`: SGLang publishes in the "dynamo" format (hashes also cover extra_key)."""
+    def __init__(
+        self,
+        num_ranks: int,
+        page_size: int,
+        dynamo_events: bool = False,
+        pending_ttl: float = 30.0,
+        rule: Rule = kvmul,
+    ) -> None:
+        """`dynamo_events`: SGLang publishes in the "dynamo" format (hashes also cover extra_key).
+        `rule`: the routing rule (`policies`); baselines share the same mirror and load view."""
+        self.rule = rule
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
         self.num_ranks = num_ranks
@@ -95,18 +104,25 @@ class KvmulRouter:
             credit = cached_tokens(self.pending[r].match(tokens, root), limit, self.page_size)
             cached.append(max(hit, credit))
             from_pending.append(credit > hit)
-        queued = [ld.queued_uncached for ld in self.loads]
-        batch = [ld.batch_size for ld in self.loads]
-        scores = kvmul_scores(queued, [n - c for c in cached], batch)
-        rank, tie = pick_lowest(scores, queued, self._rotation)
+        loads = self.loads
+        view = RankView(
+            prompt_len=n,
+            cached=cached,
+            queued=[ld.queued_uncached for ld in loads],
+            running=[ld.running for ld in loads],
+            waiting=[ld.waiting for ld in loads],
+            kv_tokens=[ld.kv_tokens for ld in loads],
+            page_size=self.page_size,
+        )
+        rank, tie, scores = self.rule(view, self._rotation)
         self._rotation += tie
-        return Decision(rank, n, root, cached, from_pending, queued, batch, scores)
+        return Decision(rank, n, root, cached, from_pending, list(view.queued), view.batch, scores)
 
     def commit(self, decision: Decision, tokens: Sequence[int], now: float) -> None:
         """Book a dispatched request on its rank (also used for requests pinned by the user)."""
         r = decision.rank
         load = self.loads[r]
-        load.on_dispatch(now, decision.prompt_len - decision.cached[r])
+        load.on_dispatch(now, decision.prompt_len - decision.cached[r], decision.prompt_len)
         if len(tokens) > self.page_size:
             self.pending[r].add(now, tokens, decision.root_hash, load.prefilled_seen + load.queued_uncached)
         st = self.stats

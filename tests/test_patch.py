@@ -77,7 +77,7 @@ def test_patched_sglang_routes_by_kvmul_without_the_plugin(patched_server):
     log = patched_server.server.log_path.read_text()
     assert "Loaded plugin kvmul" not in log
     # the controller that routes is the patched-in module, not the installed sglang_kvmul package
-    assert "kvmul (sglang.srt.managers.kvmul.controller): routing 2 DP ranks" in log
+    assert "kvmul (sglang.srt.managers.kvmul.controller): rule kvmul, 2 DP ranks" in log
     info = requests.get(patched_server.url + "/server_info", timeout=10).json()
     assert info["load_balance_method"] == "kvmul"
     check_shared_prefixes_stick_and_unrelated_prompts_spread(patched_server, tag="patched-spread")

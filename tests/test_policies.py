@@ -1,0 +1,63 @@
+"""The baseline rules, each checked against its published definition on hand-made views."""
+
+import pytest
+
+from sglang_kvmul.policies import RankView, rule_by_name
+
+
+def view(cached, queued=(0, 0), running=(0, 0), waiting=(0, 0), kv=(0, 0), prompt=1000, page=1):
+    return RankView(prompt, list(cached), list(queued), list(running), list(waiting), list(kv), page)
+
+
+def pick(name, v, rotation=0):
+    return rule_by_name(name)(v, rotation)[0]
+
+
+def test_kvmul_is_the_product_rule():
+    assert pick("kvmul", view(cached=(900, 0), running=(3, 0))) == 0  # 100*4 < 1000*1
+    tied = view(cached=(900, 0), running=(9, 0))  # 100*10 == 1000*1, equal queues: rotation decides
+    assert {pick("kvmul", tied, rotation=0), pick("kvmul", tied, rotation=1)} == {0, 1}
+    assert pick("kvmul", view(cached=(900, 0), running=(10, 0))) == 1
+
+
+def test_cache_only_and_load_only():
+    assert pick("cache_only", view(cached=(10, 900), running=(0, 50))) == 1
+    assert pick("load_only", view(cached=(10, 900), running=(0, 50))) == 0
+
+
+def test_vllm_v1_weights_waiting_four_times():
+    # rank 0: 4*2 + 0 = 8; rank 1: 4*0 + 7 = 7
+    assert pick("vllm_v1", view(cached=(0, 0), running=(0, 7), waiting=(2, 0))) == 1
+    assert pick("vllm_v1", view(cached=(0, 0), running=(0, 9), waiting=(2, 0))) == 0
+
+
+def test_linear_alpha_trades_normalised_cache_and_load():
+    v = view(cached=(800, 0), running=(4, 1))
+    assert pick("linear:1", v) == 0 and pick("linear:0", v) == 1
+    # alpha 0.5: 0.5*0.2 + 0.5*1.0 = 0.6 vs 0.5*1.0 + 0.5*0.25 = 0.625
+    assert pick("linear:0.5", v) == 0
+    with pytest.raises(ValueError):
+        rule_by_name("linear:1.5")
+
+
+def test_dynamo_cost_credits_overlap_and_charges_decode_blocks():
+    # prompt 1000: rank 0 has 600 cached but 900 KV tokens active; rank 1 is cold and empty.
+    # rank 0: (0 + 1000 - 600) + 900 + 1000 = 2300; rank 1: 1000 + 0 + 1000 = 2000
+    assert pick("dynamo", view(cached=(600, 0), kv=(900, 0))) == 1
+    assert pick("dynamo", view(cached=(600, 0), kv=(200, 0))) == 0
+    _, _, costs = rule_by_name("dynamo")(view(cached=(64, 0), kv=(0, 0), prompt=128, page=16), 0)
+    assert costs == [(8 - 4) + 0 + 8, 8 + 0 + 8]
+
+
+def test_sglang_cache_aware_gates_on_imbalance_then_match_rate():
+    # balanced, good match -> best match
+    assert pick("sglang_cache_aware", view(cached=(0, 600), running=(1, 3))) == 1
+    # balanced, weak match (<= 0.5) -> least load
+    assert pick("sglang_cache_aware", view(cached=(0, 400), running=(1, 3))) == 0
+    # imbalanced (diff > 32 and max > 1.1*min) -> least load even with a full match
+    assert pick("sglang_cache_aware", view(cached=(0, 990), running=(1, 40))) == 0
+
+
+def test_unknown_rule_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown routing rule"):
+        rule_by_name("fastest")
