@@ -54,16 +54,21 @@ def test_patch_applies_cleanly_to_the_pinned_release(tmp_path):
 
 @pytest.fixture(scope="module")
 def patched_server(tmp_path_factory, tiny_model) -> Iterator[Server]:
-    """Stock `python -m sglang.launch_server` from a patched copy of SGLang, our plugin NOT loaded."""
+    """Stock `python -m sglang.launch_server` from a patched copy of SGLang, our plugin NOT loaded.
+
+    The copy is an installed SGLang's site-packages layout, patched with the command that
+    patches/README.md documents for a virtualenv (`patch -p2 -d "$SITE"`).
+    """
     tmp = tmp_path_factory.mktemp("patched")
     site = Path(str(importlib.metadata.distribution("sglang").locate_file("")))
-    shutil.copytree(site / "sglang", tmp / "python" / "sglang", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["git", "apply", str(PATCH)], cwd=tmp, check=True)
+    shutil.copytree(site / "sglang", tmp / "site" / "sglang", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(PATCH) as patch_input:
+        subprocess.run(["patch", "-p2", "-d", str(tmp / "site")], stdin=patch_input, check=True, capture_output=True)
     pub = free_port_range(2)
     replay = free_port_range(2, set(range(pub, pub + 2)))
     log = tmp / "decisions.jsonl"
     env = cpu_env(2)
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp / "python"), env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))])
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp / "site"), env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))])
     env["SGLANG_PLUGINS"] = "no-such-plugin"  # a whitelist that excludes our `kvmul` entry point
     env["SGLANG_KVMUL_DECISION_LOG"] = str(log)
     args = ["--dp-size", "2", "--load-balance-method", "kvmul", "--kv-events-config", kv_events_config(pub, replay)]
