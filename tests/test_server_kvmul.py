@@ -115,3 +115,24 @@ def test_chunked_prefill_and_logprob_cap_are_predicted_exactly(kvmul_server):
     for rid, _, _ in checks:
         assert decisions[rid]["predicted_cached"] == reported[rid], (rid, decisions[rid], reported[rid])
     assert reported["chunked-1"] == 4500 and reported["logprob-0"] == 300
+
+
+def test_session_requests_stay_on_one_rank(kvmul_server):
+    """Open sessions are broadcast to every rank, but a session's history lives on the rank that
+    served its first request: later turns must follow it, whatever the cache elsewhere says."""
+    resp = requests.post(kvmul_server.url + "/open_session", json={"capacity_of_str_len": 100000}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    sid = resp.json()
+    rng = random.Random(8)
+    ranks = []
+    parent = None
+    for turn in range(4):
+        # unrelated prompts: without stickiness their ties would rotate over both ranks
+        body = {"session_params": {"id": sid, "rid": parent}}
+        resp = kvmul_server.generate(ids(rng, 60), rid=f"session-{turn}", **body)
+        assert resp.status_code == 200, resp.text
+        ranks.append(resp.json()["meta_info"]["dp_rank"])
+        parent = f"session-{turn}"
+    assert len(set(ranks)) == 1, ranks
+    closed = requests.post(kvmul_server.url + "/close_session", json={"session_id": sid}, timeout=30)
+    assert closed.status_code == 200, closed.text
