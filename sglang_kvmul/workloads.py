@@ -1,0 +1,148 @@
+"""Request streams for comparisons and simulations, with exact token ids and arrival times.
+
+* `mooncake`: the real Mooncake conversation trace, subsampled by conversation (whole prefix groups)
+  and time-compressed. Each 512-token hash id becomes a fixed run of token ids, so requests that
+  share hash ids share exactly that prefix, and prompts are exactly `input_length` long (SGLang's
+  bench_serving `mooncake` option shortens them to about a quarter).
+* `agentic`: multi-turn agent sessions: a long system/tool prefix shared by every session, a
+  history that grows each turn by tool results and the previous reply, think/tool pauses between
+  turns. Defaults are the TraceLab sample's medians/means (shared prefix 6912 tokens, +2129 tokens
+  and 597 output tokens per turn on average, ~10 turns, 4.2 s mean tool time).
+* `api`: a few long shared system prompts (Zipf popularity) with short distinct questions.
+`token_scale` shrinks every length (e.g. 1/8) so the same shapes fit a CPU server. Pure, seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class TraceRequest:
+    arrival: float  # seconds from the start
+    input_ids: list[int]
+    output_len: int
+    group: str  # conversation / session / system prompt it belongs to
+
+
+def _block(key: int | str, n: int, vocab: int, salt: str) -> list[int]:
+    rng = random.Random(f"{salt}:{key}")
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+def _scaled(n: int, scale: float) -> int:
+    return max(1, round(n * scale))
+
+
+def mooncake(
+    path: str | Path,
+    fraction: float = 0.05,
+    time_compression: float = 1.0,
+    vocab: int = 2048,
+    token_scale: float = 1.0,
+    seed: int = 0,
+    max_requests: int | None = None,
+) -> list[TraceRequest]:
+    """The trace's conversations kept by `crc32(f"{seed}:{key}") % 10000 < fraction * 10000`, with
+    key = the second hash id (the conversation; the first is the shared system prompt)."""
+    block = _scaled(512, token_scale)
+    blocks: dict[int, list[int]] = {}
+    out: list[TraceRequest] = []
+    t0 = None
+    with open(path) as fh:
+        for line in fh:
+            row = json.loads(line)
+            h = row["hash_ids"]
+            key = h[1] if len(h) > 1 else h[0]
+            if zlib.crc32(f"{seed}:{key}".encode()) % 10000 >= fraction * 10000:
+                continue
+            ids: list[int] = []
+            for hid in h:
+                if hid not in blocks:
+                    blocks[hid] = _block(hid, block, vocab, "mooncake")
+                ids.extend(blocks[hid])
+            ids = ids[: _scaled(row["input_length"], token_scale)]
+            ts = row["timestamp"] / 1000.0
+            t0 = ts if t0 is None else t0
+            out.append(TraceRequest((ts - t0) / time_compression, ids, max(1, row["output_length"]), str(key)))
+            if max_requests is not None and len(out) >= max_requests:
+                break
+    return out
+
+
+def agentic(
+    sessions: int = 8,
+    turns: int = 10,
+    shared_prefix: int = 6912,
+    task_len: int = 2400,
+    append_mean: int = 2129,
+    output_mean: int = 597,
+    tool_time_mean: float = 4.2,
+    session_rate: float = 0.5,
+    vocab: int = 2048,
+    token_scale: float = 1.0,
+    seed: int = 0,
+) -> list[TraceRequest]:
+    """Agent sessions starting as a Poisson process (`session_rate` per second)."""
+    rng = random.Random(seed)
+    system = _block("system", _scaled(shared_prefix, token_scale), vocab, f"agentic{seed}")
+    out: list[TraceRequest] = []
+    start = 0.0
+    for s in range(sessions):
+        start += rng.expovariate(session_rate)
+        history = system + _block(f"task{s}", _scaled(task_len, token_scale), vocab, f"agentic{seed}")
+        t = start
+        for k in range(turns):
+            if k:
+                reply = _block(f"reply{s}.{k}", _scaled(rng.expovariate(1 / output_mean), token_scale), vocab, "a")
+                history = history + reply
+                t += rng.expovariate(1 / tool_time_mean)
+            appended = _block(f"tool{s}.{k}", _scaled(rng.expovariate(1 / append_mean), token_scale), vocab, "a")
+            history = history + appended
+            output = max(1, _scaled(rng.expovariate(1 / output_mean), token_scale))
+            out.append(TraceRequest(t, list(history), output, f"session{s}"))
+    out.sort(key=lambda r: r.arrival)
+    return out
+
+
+def api(
+    requests: int = 200,
+    system_prompts: int = 4,
+    system_len: int = 3000,
+    question_len: int = 100,
+    output_len: int = 150,
+    zipf: float = 1.0,
+    rate: float = 2.0,
+    vocab: int = 2048,
+    token_scale: float = 1.0,
+    seed: int = 0,
+) -> list[TraceRequest]:
+    """Questions against a few long system prompts, popularity 1/rank**zipf, Poisson at `rate`."""
+    rng = random.Random(seed)
+    prompts = [_block(f"sys{i}", _scaled(system_len, token_scale), vocab, f"api{seed}") for i in range(system_prompts)]
+    weights = [1 / (i + 1) ** zipf for i in range(system_prompts)]
+    out: list[TraceRequest] = []
+    t = 0.0
+    for _ in range(requests):
+        p = rng.choices(range(system_prompts), weights)[0]
+        q = [rng.randrange(3, vocab) for _ in range(_scaled(question_len, token_scale))]
+        out.append(TraceRequest(t, prompts[p] + q, max(1, _scaled(output_len, token_scale)), f"system{p}"))
+        t += rng.expovariate(rate)
+    return out
+
+
+def summary(reqs: Iterable[TraceRequest]) -> dict[str, float]:
+    reqs = list(reqs)
+    n = len(reqs)
+    return {
+        "requests": n,
+        "duration_s": max((r.arrival for r in reqs), default=0.0),
+        "input_mean": sum(len(r.input_ids) for r in reqs) / max(1, n),
+        "output_mean": sum(r.output_len for r in reqs) / max(1, n),
+        "groups": len({r.group for r in reqs}),
+    }
