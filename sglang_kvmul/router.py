@@ -30,6 +30,7 @@ class Decision:
     queued: list[int]
     batch: list[int]
     scores: list[float]  # the rule's cost per rank (lowest wins)
+    tie: bool = False  # the rotation chose among equally scored ranks
 
     @property
     def uncached(self) -> list[int]:
@@ -115,8 +116,7 @@ class KvmulRouter:
             page_size=self.page_size,
         )
         rank, tie, scores = self.rule(view, self._rotation)
-        self._rotation += tie
-        return Decision(rank, n, root, cached, from_pending, list(view.queued), view.batch, scores)
+        return Decision(rank, n, root, cached, from_pending, list(view.queued), view.batch, scores, tie)
 
     def commit(self, decision: Decision, tokens: Sequence[int], now: float) -> None:
         """Book a dispatched request on its rank (also used for requests pinned by the user)."""
@@ -135,6 +135,7 @@ class KvmulRouter:
     def route(self, tokens: Sequence[int], limit: int, now: float, namespace: CacheNamespace = DEFAULT) -> Decision:
         decision = self.decide(tokens, limit, namespace)
         self.commit(decision, tokens, now)
+        self._rotation += decision.tie  # only rule-made choices advance the tie rotation
         return decision
 
     def assign(
@@ -142,7 +143,7 @@ class KvmulRouter:
     ) -> Decision:
         """Book a request whose rank was fixed elsewhere (pinned, sticky session)."""
         decision = self.decide(tokens, limit, namespace)
-        decision.rank = rank
+        decision.rank, decision.tie = rank, False
         self.commit(decision, tokens, now)
         return decision
 

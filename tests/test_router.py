@@ -119,3 +119,13 @@ def test_common_prefix_len():
     assert common_prefix_len([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix_len([], [1]) == 0
     assert common_prefix_len([1, 2], [1, 2, 3]) == 2
+
+
+def test_pinned_requests_do_not_disturb_the_tie_rotation():
+    r = KvmulRouter(num_ranks=2, page_size=1)
+    first = r.route([7], limit=0, now=1.0).rank  # both ranks idle and empty: a tie
+    r.apply_snapshot(first, snap(1.5), now=1.5)  # it finished: both ranks idle again
+    for _ in range(3):
+        r.assign(first, [9], limit=0, now=1.6)  # pinned: booked, but not a rule-made choice
+    r.apply_snapshot(first, snap(1.7), now=1.7)
+    assert r.route([8], limit=0, now=2.0).rank == 1 - first  # the next tie still alternates
