@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import Request, replay, shared_prefix_workload
+from results_io import RESULTS, write_results
 
 from sglang_kvmul.local_server import cpu_server_args, running_server
 from sglang_kvmul.tiny_model import VOCAB, build
 
-RESULTS = Path(__file__).parent / "results"
 METHODS = ("kvmul", "round_robin")
 
 
@@ -176,11 +176,9 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_outputs(report: dict, name: str) -> None:
-    header = f"# {name}\n\n{__doc__}\nConfig: `{json.dumps(report['config'])}`\n\n"
-    (RESULTS / f"{name}.md").write_text(header + table(report))
+def write_outputs(report: dict, name: str, write_json: bool = True) -> None:
+    write_results(name, __doc__, report, table(report), write_json=write_json)
     plot(report, RESULTS / f"{name}.png")
-    print(table(report))
 
 
 def main() -> None:
@@ -199,7 +197,7 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown/PNG from the saved JSON")
     args = ap.parse_args()
     if args.render:
-        write_outputs(json.loads((RESULTS / f"{args.name}.json").read_text()), args.name)
+        write_outputs(json.loads((RESULTS / f"{args.name}.json").read_text()), args.name, write_json=False)
         return
     args.pool = args.pool or int(args.groups * args.prefix / 2 * 1.2)
     args.skip = 2 * args.groups if args.skip is None else args.skip
@@ -239,7 +237,6 @@ def main() -> None:
         "ratios_kvmul_over_round_robin": ratios,
         "prediction": prediction,
     }
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     write_outputs(report, args.name)
 
 

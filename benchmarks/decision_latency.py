@@ -10,20 +10,17 @@ Writes JSON, a markdown table and a PNG to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 import tracemalloc
-from pathlib import Path
 
+from results_io import RESULTS, write_results
 from sglang.srt.disaggregation.kv_events import BlockStored
 from tqdm import tqdm
 
 from sglang_kvmul.block_hash import first_page_hash
 from sglang_kvmul.router import KvmulRouter
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def conversation_tree(
@@ -120,15 +117,7 @@ def main() -> None:
                 }
             )
     report = {"config": vars(args), "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     lines = [
-        f"# {args.name}",
-        "",
-        __doc__.strip(),
-        "",
-        f"Config: `{json.dumps(report['config'])}`",
-        "",
         "| ranks | prompt tokens | decision median (us) | p90 (us) | ingestion (tokens/s) | bytes / mirrored token |",
         "|---|---|---|---|---|---|",
     ]
@@ -137,7 +126,7 @@ def main() -> None:
             f"| {r['ranks']} | {r['prompt_tokens']} | {r['decision_median_us']:.0f} | {r['decision_p90_us']:.0f} | "
             f"{r['ingest_tokens_per_s']:.3g} | {r['bytes_per_mirrored_token']:.1f} |"
         )
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.name, __doc__, report, "\n".join(lines))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +146,6 @@ def main() -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / f"{args.name}.png", dpi=110)
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

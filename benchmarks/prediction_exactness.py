@@ -25,11 +25,10 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import Request, replay, shared_prefix_workload
+from results_io import RESULTS, write_results
 
 from sglang_kvmul.local_server import cpu_server_args, running_server
 from sglang_kvmul.tiny_model import VOCAB, build
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def reason(d: dict, reported_cached: int, reported_rank: int | None) -> str | None:
@@ -99,21 +98,13 @@ def main() -> None:
         "concurrent": score([r for r in conc if r["error"] is None], decisions, "conc"),
     }
     lines = [
-        f"# {args.name}",
-        "",
-        __doc__.strip(),
-        "",
-        f"Config: `{json.dumps(report['config'])}`",
-        "",
         "| traffic | requests | predicted == reported | share | mismatch reasons |",
         "|---|---|---|---|---|",
     ]
     for k in ("sequential", "concurrent"):
         r = report[k]
         lines.append(f"| {k} | {r['requests']} | {r['exact']} | {r['share']:.3f} | {r['mismatch_reasons'] or '-'} |")
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.name, __doc__, report, "\n".join(lines))
 
 
 if __name__ == "__main__":
