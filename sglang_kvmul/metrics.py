@@ -78,6 +78,13 @@ class KvmulCollector(Collector):
             [int(s) for s in r.stale],
         )
         yield CounterMetricFamily("kvmul_stale_marks", "Times a rank was marked stale", value=st.stale_marks)
+        yield self._per_rank(
+            CounterMetricFamily(
+                "kvmul_orphan_blocks", "Stored blocks whose parent the mirror never saw (missed events)", labels=rank
+            ),
+            [m.orphan_blocks for m in r.mirrors],
+        )
+        yield CounterMetricFamily("kvmul_unknown_events", "KV events of an unknown type", value=st.unknown_events)
         for name, doc, attr in (
             ("kvmul_event_batches", "KV-event batches received live", "batches"),
             ("kvmul_replayed_batches", "KV-event batches fetched from the replay endpoint", "replayed_batches"),

@@ -45,7 +45,6 @@ class Decision:
 class RouterStats:
     decisions: int = 0
     events_applied: int = 0
-    orphan_stores: int = 0
     unknown_events: int = 0
     clears: int = 0
     stale_marks: int = 0
@@ -154,8 +153,7 @@ class KvmulRouter:
         for ev in events:
             kind = type(ev).__name__
             if kind == "BlockStored":
-                if not mirror.store(ev.block_hashes, ev.parent_block_hash, ev.token_ids):
-                    self.stats.orphan_stores += 1
+                mirror.store(ev.block_hashes, ev.parent_block_hash, ev.token_ids)  # orphans: mirror counts
             elif kind == "BlockRemoved":
                 mirror.remove(ev.block_hashes)
             elif kind == "AllBlocksCleared":

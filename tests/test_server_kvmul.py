@@ -94,6 +94,7 @@ def test_prometheus_metrics_describe_the_decisions(kvmul_server):
     assert samples[("kvmul_event_batches_total", "0")] + samples[("kvmul_event_batches_total", "1")] > 0
     assert samples[("kvmul_mirror_tokens", "0")] + samples[("kvmul_mirror_tokens", "1")] >= 300
     assert samples[("kvmul_malformed_messages_total", "0")] == 0
+    assert samples[("kvmul_orphan_blocks_total", "0")] == samples[("kvmul_orphan_blocks_total", "1")] == 0
 
 
 def test_chunked_prefill_and_logprob_cap_are_predicted_exactly(kvmul_server):
