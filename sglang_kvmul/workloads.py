@@ -9,7 +9,9 @@
   turns. Defaults are the TraceLab sample's medians/means (shared prefix 6912 tokens, +2129 tokens
   and 597 output tokens per turn on average, ~10 turns, 4.2 s mean tool time).
 * `api`: a few long shared system prompts (Zipf popularity) with short distinct questions.
-`token_scale` shrinks every length (e.g. 1/8) so the same shapes fit a CPU server. Pure, seeded.
+`token_scale` shrinks every length (e.g. 1/8) so the same shapes fit a CPU server; `output_scale`
+(default: `token_scale`) shrinks only the generated lengths, as decoding is what is slow on CPU while
+the prompt shapes decide routing. Pure, seeded.
 """
 
 from __future__ import annotations
@@ -47,9 +49,13 @@ def mooncake(
     token_scale: float = 1.0,
     seed: int = 0,
     max_requests: int | None = None,
+    output_scale: float | None = None,
+    max_duration: float | None = None,
 ) -> list[TraceRequest]:
     """The trace's conversations kept by `crc32(f"{seed}:{key}") % 10000 < fraction * 10000`, with
-    key = the second hash id (the conversation; the first is the shared system prompt)."""
+    key = the second hash id (the conversation; the first is the shared system prompt).
+    `max_duration` keeps the first seconds (after compression)."""
+    out_scale = token_scale if output_scale is None else output_scale
     block = _scaled(512, token_scale)
     blocks: dict[int, list[int]] = {}
     out: list[TraceRequest] = []
@@ -69,7 +75,10 @@ def mooncake(
             ids = ids[: _scaled(row["input_length"], token_scale)]
             ts = row["timestamp"] / 1000.0
             t0 = ts if t0 is None else t0
-            out.append(TraceRequest((ts - t0) / time_compression, ids, max(1, row["output_length"]), str(key)))
+            arrival = (ts - t0) / time_compression
+            if max_duration is not None and arrival > max_duration:
+                break
+            out.append(TraceRequest(arrival, ids, _scaled(max(1, row["output_length"]), out_scale), str(key)))
             if max_requests is not None and len(out) >= max_requests:
                 break
     return out
@@ -87,8 +96,10 @@ def agentic(
     vocab: int = 2048,
     token_scale: float = 1.0,
     seed: int = 0,
+    output_scale: float | None = None,
 ) -> list[TraceRequest]:
     """Agent sessions starting as a Poisson process (`session_rate` per second)."""
+    out_scale = token_scale if output_scale is None else output_scale
     rng = random.Random(seed)
     system = _block("system", _scaled(shared_prefix, token_scale), vocab, f"agentic{seed}")
     out: list[TraceRequest] = []
@@ -104,7 +115,7 @@ def agentic(
                 t += rng.expovariate(1 / tool_time_mean)
             appended = _block(f"tool{s}.{k}", _scaled(rng.expovariate(1 / append_mean), token_scale), vocab, "a")
             history = history + appended
-            output = max(1, _scaled(rng.expovariate(1 / output_mean), token_scale))
+            output = max(1, _scaled(rng.expovariate(1 / output_mean), out_scale))
             out.append(TraceRequest(t, list(history), output, f"session{s}"))
     out.sort(key=lambda r: r.arrival)
     return out
@@ -121,8 +132,10 @@ def api(
     vocab: int = 2048,
     token_scale: float = 1.0,
     seed: int = 0,
+    output_scale: float | None = None,
 ) -> list[TraceRequest]:
     """Questions against a few long system prompts, popularity 1/rank**zipf, Poisson at `rate`."""
+    out_scale = token_scale if output_scale is None else output_scale
     rng = random.Random(seed)
     prompts = [_block(f"sys{i}", _scaled(system_len, token_scale), vocab, f"api{seed}") for i in range(system_prompts)]
     weights = [1 / (i + 1) ** zipf for i in range(system_prompts)]
@@ -131,7 +144,7 @@ def api(
     for _ in range(requests):
         p = rng.choices(range(system_prompts), weights)[0]
         q = [rng.randrange(3, vocab) for _ in range(_scaled(question_len, token_scale))]
-        out.append(TraceRequest(t, prompts[p] + q, max(1, _scaled(output_len, token_scale)), f"system{p}"))
+        out.append(TraceRequest(t, prompts[p] + q, max(1, _scaled(output_len, out_scale)), f"system{p}"))
         t += rng.expovariate(rate)
     return out
 
