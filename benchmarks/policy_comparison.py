@@ -25,6 +25,7 @@ import argparse
 import json
 import re
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -185,10 +186,12 @@ class LoadSampler(threading.Thread):
 
 
 # ---- one run -------------------------------------------------------------------------------------
-def run_workload(dep: Deployment, cfg: Config, wl: str, trace: Path, model: Path, out: Path, sample_s: float) -> dict:
+def run_workload(
+    dep: Deployment, cfg: Config, wl: str, trace: Path, model: Path, out: Path, sample_s: float, rep: int
+) -> dict:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    bench_file = raw / f"{_slug(cfg.name)}.jsonl"
+    bench_file = raw / f"{_slug(cfg.name)}.r{rep}.jsonl"
     bench_file.unlink(missing_ok=True)
     before = requests_per_rank(dep)
     sampler = LoadSampler(dep, sample_s)
@@ -198,7 +201,7 @@ def run_workload(dep: Deployment, cfg: Config, wl: str, trace: Path, model: Path
     finally:
         loads = sampler.stop()
     split = [a - b for a, b in zip(requests_per_rank(dep), before, strict=True)]
-    with open(raw / f"{_slug(cfg.name)}.loads.jsonl", "w") as fh:
+    with open(raw / f"{_slug(cfg.name)}.r{rep}.loads.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in loads)
     flush(dep)
     ttft = [x * 1000 for x, e in zip(res["ttfts"], res["errors"], strict=True) if not e]
@@ -206,6 +209,7 @@ def run_workload(dep: Deployment, cfg: Config, wl: str, trace: Path, model: Path
     cr = res["cache_report"]
     return {
         "config": cfg.name,
+        "rep": rep,
         "workload": wl,
         "completed": res["completed"],
         "errors": sum(1 for e in res["errors"] if e),
@@ -240,8 +244,8 @@ def table(runs: list[dict]) -> str:
     best = min(r["ttft_ms"]["mean"] for r in runs)
     lines = [
         "| policy | TTFT mean ms | P50 | P99 | TPOT mean ms | P50 | P99 | req/s | out tok/s | cached tokens | "
-        "hit ratio | requests per rank | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "hit ratio | requests per rank | errors | mean TTFT per rep |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: r["ttft_ms"]["mean"]):
         t, p = r["ttft_ms"], r["tpot_ms"]
@@ -251,7 +255,7 @@ def table(runs: list[dict]) -> str:
             f"| {r['config']}{mark} | {t['mean']:.0f} | {t['p50']:.0f} | {t['p99']:.0f} | {p['mean']:.0f} | "
             f"{p['p50']:.0f} | {p['p99']:.0f} | {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | "
             f"{r['cached_tokens']} | {r['hit_ratio']:.3f} | {split} | "
-            f"{r['errors']} |"
+            f"{r['errors']} | {' / '.join(f'{x:.0f}' for x in r['rep_mean_ttft_ms'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -328,14 +332,40 @@ def plot(runs: list[dict], out: Path, wl: str) -> None:
         plt.close(fig)
 
 
-def write_workload(wl: str, runs: list[dict], config: dict) -> dict:
+def pool(reps: list[dict]) -> list[dict]:
+    """One entry per configuration over all its repetitions (samples and token counts pooled)."""
+    by: dict[str, list[dict]] = {}
+    for r in reps:
+        by.setdefault(r["config"], []).append(r)
+    out = []
+    for name, rs in by.items():
+        ttft = [x for r in rs for x in r["ttft_samples"]]
+        tpot = [x for r in rs for x in r["tpot_samples"]]
+        cached, prompt = sum(r["cached_tokens"] for r in rs), sum(r["prompt_tokens"] for r in rs)
+        out.append({
+            "config": name, "reps": len(rs), "rep_mean_ttft_ms": [r["ttft_ms"]["mean"] for r in rs],
+            "completed": sum(r["completed"] for r in rs), "errors": sum(r["errors"] for r in rs),
+            "ttft_ms": _stats(ttft), "tpot_ms": _stats(tpot),
+            "request_throughput": float(np.mean([r["request_throughput"] for r in rs])),
+            "output_throughput": float(np.mean([r["output_throughput"] for r in rs])),
+            "cached_tokens": cached, "prompt_tokens": prompt, "hit_ratio": cached / max(1, prompt),
+            "requests_per_rank": [sum(x) for x in zip(*(r["requests_per_rank"] for r in rs), strict=True)],
+            "ttft_samples": ttft, "tpot_samples": tpot, "loads": rs[0].get("loads", []),
+        })  # fmt: skip
+    return out
+
+
+def write_workload(wl: str, reps: list[dict], config: dict) -> dict:
     out = RESULTS / wl
     out.mkdir(parents=True, exist_ok=True)
+    runs = pool(reps)
     v = verdict(runs)
-    doc = {"config": config, "verdict": v, "runs": [{k: x for k, x in r.items() if k != "loads"} for r in runs]}
+    doc = {"config": config, "verdict": v, "reps": reps}
     (out / "summary.json").write_text(json.dumps(doc, indent=1))
-    md = f"# {wl}\n\nWorkload: `{json.dumps(config['workloads'][wl])}`\n\n" + table(runs)
-    md += "\n" + _verdict_line(v) + "\n"
+    n = max(r["reps"] for r in runs)
+    md = f"# {wl}\n\nWorkload: `{json.dumps(config['workloads'][wl])}`\n\n"
+    md += f"Pooled over {n} repetition(s) per policy; per-repetition mean TTFT in the last column.\n\n"
+    md += table(runs) + "\n" + _verdict_line(v) + "\n"
     (out / "table.md").write_text(md)
     plot(runs, out, wl)
     return v
@@ -382,8 +412,11 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=8000, help="KV-pool tokens per rank")
     ap.add_argument("--sample-s", type=float, default=0.5, help="per-rank load sampling period")
     ap.add_argument("--model", default="bench", help="built-in model shape (tiny_model.SHAPES)")
+    ap.add_argument("--reps", type=int, default=1, help="repetitions (order reversed on odd ones)")
+    ap.add_argument("--append", action="store_true", help="add these repetitions to the saved results")
     ap.add_argument("--render", action="store_true", help="only redraw tables/plots from saved summaries")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: servers are stopped on the way out
     wls = args.workloads.split(",")
     if args.render:
         return _render(wls)
@@ -401,26 +434,33 @@ def main() -> None:
         write_trace(reqs, traces[wl])
         tqdm.write(f"{wl}: {workloads.summary(reqs)}")
     config = {
-        "run": {k: v for k, v in vars(args).items() if k != "render"},
+        "run": {k: v for k, v in vars(args).items() if k not in ("render", "append")},
         "workloads": {wl: workloads.summary(WORKLOADS[wl](args.token_scale)) for wl in wls},
     }
     runs: dict[str, list[dict]] = {wl: [] for wl in wls}
+    first = 0
+    if args.append:
+        for wl in wls:
+            runs[wl] = json.loads((RESULTS / wl / "summary.json").read_text())["reps"]
+        first = 1 + max(r["rep"] for wl in wls for r in runs[wl])
     t0 = time.time()
-    bar = tqdm(total=len(cfgs) * len(wls), desc="policy comparison", unit="run")
-    for cfg in cfgs:
-        with deploy(cfg, model, args.pool, work) as dep:
-            warm_up(dep, 256)
-            for wl in wls:
-                bar.set_postfix_str(f"{cfg.name} / {wl}")
-                r = run_workload(dep, cfg, wl, traces[wl], model, RESULTS / wl, args.sample_s)
-                runs[wl].append(r)
-                tqdm.write(
-                    f"{cfg.name:>20} {wl:>8}: TTFT mean {r['ttft_ms']['mean']:.0f} ms, P99 {r['ttft_ms']['p99']:.0f}, "
-                    f"hit {r['hit_ratio']:.3f}, split {[round(x) for x in r['requests_per_rank']]}"
-                )
-                bar.update(1)
+    bar = tqdm(total=args.reps * len(cfgs) * len(wls), desc="policy comparison", unit="run")
+    for rep in range(first, first + args.reps):
+        for cfg in cfgs if rep % 2 == 0 else cfgs[::-1]:
+            with deploy(cfg, model, args.pool, work) as dep:
+                warm_up(dep, 256)
+                for wl in wls:
+                    bar.set_postfix_str(f"rep {rep}: {cfg.name} / {wl}")
+                    r = run_workload(dep, cfg, wl, traces[wl], model, RESULTS / wl, args.sample_s, rep)
+                    runs[wl].append(r)
+                    tqdm.write(
+                        f"{cfg.name:>20} {wl:>8}: TTFT mean {r['ttft_ms']['mean']:.0f} ms, "
+                        f"P99 {r['ttft_ms']['p99']:.0f}, hit {r['hit_ratio']:.3f}, "
+                        f"split {[round(x) for x in r['requests_per_rank']]}"
+                    )
+                    bar.update(1)
     bar.close()
-    config["run"]["wall_s"] = round(time.time() - t0)
+    config["run"]["wall_s_last_invocation"] = round(time.time() - t0)
     verdicts = {wl: write_workload(wl, runs[wl], config) for wl in wls}
     write_overview(verdicts, config)
 
@@ -429,11 +469,8 @@ def _render(wls: list[str]) -> None:
     verdicts, config = {}, None
     for wl in wls:
         doc = json.loads((RESULTS / wl / "summary.json").read_text())
-        for r in doc["runs"]:
-            p = RESULTS / wl / "raw" / f"{_slug(r['config'])}.loads.jsonl"
-            r["loads"] = [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
         config = doc["config"]
-        verdicts[wl] = write_workload(wl, doc["runs"], config)
+        verdicts[wl] = write_workload(wl, doc["reps"], config)
     write_overview(verdicts, config)
 
 
