@@ -12,17 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Longest common prefix by bisection over slice equality (C-speed comparisons)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+from sglang_kvmul.prefix import common_prefix_len
 
 
 @dataclass
@@ -39,20 +29,20 @@ class PendingPrefixes:
     def __init__(self, ttl: float = 30.0, max_entries: int = 256) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
-        self._entries: list[_Entry] = []
+        self.entries: list[_Entry] = []
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)  # (the router's hot path tests `entries` directly)
 
     def add(self, now: float, tokens: Sequence[int], root_hash: int | None, prefilled_target: int) -> None:
         # `tokens` is kept as given (never mutated by the caller); matching compares like types
-        self._entries.append(_Entry(now, tokens, root_hash, prefilled_target))
-        if len(self._entries) > self.max_entries:
-            del self._entries[0]
+        self.entries.append(_Entry(now, tokens, root_hash, prefilled_target))
+        if len(self.entries) > self.max_entries:
+            del self.entries[0]
 
     def match(self, tokens: Sequence[int], root_hash: int | None) -> int:
         best = 0
-        for e in self._entries:
+        for e in self.entries:
             if e.root_hash == root_hash:
                 best = max(best, common_prefix_len(tokens, e.tokens))
         return best
@@ -64,8 +54,8 @@ class PendingPrefixes:
         is_cached: Callable[[Sequence[int], int | None], bool],
     ) -> None:
         """Drop expired entries, those the rank has prefilled by now, and those the mirror confirms."""
-        self._entries = [
+        self.entries = [
             e
-            for e in self._entries
+            for e in self.entries
             if now - e.sent_at < self.ttl and prefilled < e.prefilled_target and not is_cached(e.tokens, e.root_hash)
         ]

@@ -16,6 +16,7 @@ from sglang_kvmul.mirror import RadixMirror
 from sglang_kvmul.pending import PendingPrefixes
 from sglang_kvmul.policies import RankView, Rule, kvmul
 from sglang_kvmul.prefix import cached_tokens
+from sglang_kvmul.radix_index import SharedRadixIndex
 
 
 @dataclass
@@ -73,7 +74,8 @@ class KvmulRouter:
         self.num_ranks = num_ranks
         self.page_size = page_size
         self.dynamo_events = dynamo_events
-        self.mirrors = [RadixMirror(page_size) for _ in range(num_ranks)]
+        self.index = SharedRadixIndex(num_ranks, page_size)  # one walk per request answers every rank
+        self.mirrors = [RadixMirror(page_size, self.index, r) for r in range(num_ranks)]
         self.loads = [RankLoad() for _ in range(num_ranks)]
         self.pending = [PendingPrefixes(ttl=pending_ttl) for _ in range(num_ranks)]
         # A stale rank lost KV events for good: its mirror is not trusted (scored as caching
@@ -97,13 +99,17 @@ class KvmulRouter:
         """Score every rank for a prompt; `limit` is the longest prefix the scheduler may reuse."""
         n = len(tokens)
         root = self.root_hash(tokens, namespace)
-        cached, from_pending = [], []
-        for r in range(self.num_ranks):
-            matched = 0 if self.stale[r] else self.mirrors[r].match(tokens, root, limit)
-            hit = cached_tokens(matched, limit, self.page_size)
-            credit = cached_tokens(self.pending[r].match(tokens, root), limit, self.page_size)
-            cached.append(max(hit, credit))
-            from_pending.append(credit > hit)
+        matches = self.index.match_all(tokens, root, limit)
+        ps, stale, pending = self.page_size, self.stale, self.pending
+        lim = max(0, limit)
+        # cached_tokens() per rank, inlined: this runs for every rank of every request
+        cached = [0 if st else (m if m < lim else lim) // ps * ps for m, st in zip(matches, stale, strict=True)]
+        from_pending = [False] * self.num_ranks
+        for r, p in enumerate(pending):
+            if p.entries:  # in-flight prompts not yet confirmed by events: credit them as cache
+                credit = cached_tokens(p.match(tokens, root), limit, ps)
+                if credit > cached[r]:
+                    cached[r], from_pending[r] = credit, True
         loads = self.loads
         view = RankView(
             prompt_len=n,

@@ -9,6 +9,7 @@ from sglang_cache import SGLangCache
 
 from sglang_kvmul.block_hash import DEFAULT, CacheNamespace, first_page_hash
 from sglang_kvmul.mirror import RadixMirror
+from sglang_kvmul.radix_index import SharedRadixIndex
 
 
 def mirror_of(sg: SGLangCache, page_size: int, mirror: RadixMirror | None = None) -> RadixMirror:
@@ -121,3 +122,50 @@ def test_mirror_equals_sglang_match_prefix_after_every_step(seed, page_size, dyn
             expect = sg.match(q, ns)
             assert m.match(q, root(q, page_size, ns, dynamo)) == expect, (q, ns)
     assert m.orphan_blocks == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=2**31), page_size=st.sampled_from([1, 4]), dynamo=st.booleans())
+def test_shared_index_equals_every_ranks_sglang_cache(seed, page_size, dynamo):
+    """Three ranks, each a real SGLang RadixCache, feeding ONE shared index: shared stems make
+    ranks share, split and drop segments. After every step, one `match_all` walk gives each
+    rank exactly its own cache's match_prefix."""
+    rng = random.Random(seed)
+    namespaces = [CacheNamespace(), CacheNamespace("s1")]
+    caches = [SGLangCache(page_size, dynamo=dynamo) for _ in range(3)]
+    index = SharedRadixIndex(3, page_size)
+    mirrors = [RadixMirror(page_size, index, r) for r in range(3)]
+    stems = [[rng.randrange(4) for _ in range(page_size * 6)] for _ in range(3)]
+
+    def prompt():
+        stem = rng.choice(stems)[: page_size * rng.randrange(1, 7)]
+        return stem + [rng.randrange(4) for _ in range(rng.randrange(0, 3 * page_size))]
+
+    for _ in range(40):
+        r = rng.randrange(3)
+        op = rng.choice(OPS)
+        if op == "insert":
+            caches[r].insert(prompt(), rng.choice(namespaces))
+        elif op == "evict":
+            caches[r].evict(rng.randrange(1, 4) * page_size)
+        elif rng.random() < 0.2:
+            caches[r].flush()
+        mirror_of(caches[r], page_size, mirrors[r])
+        for _ in range(4):
+            q, ns = prompt(), rng.choice(namespaces)
+            got = index.match_all(q, root(q, page_size, ns, dynamo))
+            assert got == [c.match(q, ns) for c in caches], (q, ns)
+        index.check()
+    assert index.orphan_blocks == [0, 0, 0]
+
+
+def test_shared_index_frees_segments_no_rank_holds():
+    index = SharedRadixIndex(2, 1)
+    r = root([1], 1)
+    assert index.store(0, [r, 11, 12], None, [1, 2, 3])
+    assert index.store(1, [r, 11], None, [1, 2])  # rank 1 holds a prefix: the segment splits
+    assert index.match_all([1, 2, 3, 4], r) == [3, 2]
+    assert index.remove(0, [r]) == 3
+    assert index.match_all([1, 2, 3], r) == [0, 2]
+    index.clear(1)
+    assert index.num_segments == 0 and index.pages == [0, 0]

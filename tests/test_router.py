@@ -1,11 +1,13 @@
 """The router driven by SGLang's own event and snapshot classes (no server needed)."""
 
+import random
+
 from sglang.srt.disaggregation.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from sglang.srt.managers.load_snapshot import LoadSnapshot
 
 from sglang_kvmul.block_hash import CacheNamespace, first_page_hash
 from sglang_kvmul.load_ledger import RankLoad
-from sglang_kvmul.pending import common_prefix_len
+from sglang_kvmul.prefix import common_prefix_len
 from sglang_kvmul.router import KvmulRouter
 
 
@@ -129,3 +131,14 @@ def test_pinned_requests_do_not_disturb_the_tie_rotation():
         r.assign(first, [9], limit=0, now=1.6)  # pinned: booked, but not a rule-made choice
     r.apply_snapshot(first, snap(1.7), now=1.7)
     assert r.route([8], limit=0, now=2.0).rank == 1 - first  # the next tie still alternates
+
+
+def test_common_prefix_len_finds_the_first_difference_anywhere():
+    rng = random.Random(5)
+    a = [rng.randrange(3) for _ in range(20000)]
+    for cut in (0, 1, 255, 256, 257, 5000, 19999):
+        b = [*a[:cut], 7, *a[cut + 1 :]]
+        assert common_prefix_len(a, b) == cut
+        assert common_prefix_len([9, *a], b, start=1) == cut
+    assert common_prefix_len(a, a) == 20000
+    assert common_prefix_len(a, a[100:], 100, 150) == 50
