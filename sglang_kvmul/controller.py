@@ -28,6 +28,7 @@ from sglang.srt.utils.network import get_zmq_socket
 
 from sglang_kvmul import METHOD_NAME
 from sglang_kvmul.block_hash import CacheNamespace
+from sglang_kvmul.dispatch_loop import POLL_MS, DispatchLoop, apply_stream
 from sglang_kvmul.kv_events import RankEventStream, rank_endpoint
 from sglang_kvmul.metrics import METRICS_HOST_ENV, METRICS_PORT_ENV, KvmulCollector, serve
 from sglang_kvmul.policies import rule_by_name
@@ -43,7 +44,6 @@ POLL_ALL_METHODS_ENV = "SGLANG_KVMUL_POLL_ALL_METHODS"
 # The routing rule (policies.rule_by_name): kvmul by default; the baselines are for comparisons.
 POLICY_ENV = "SGLANG_KVMUL_POLICY"
 SNAPSHOT_REFRESH_S = 0.005  # re-read SGLang's SHM load snapshots at most this often
-POLL_MS = 100  # idle wake-up, so the soft watchdog keeps being fed
 MAX_STICKY_SESSIONS = 100_000
 
 
@@ -201,17 +201,11 @@ class KvmulDataParallelController(DataParallelController):
             self.sessions.pop(obj.session_id, None)
         super().send_control_message(obj)
 
-    def _ingest(self, stream: RankEventStream) -> None:
-        """Apply one rank's waiting KV events; a failure here must never reach request dispatch."""
+    def _ingest(self, stream: RankEventStream, max_batches: int | None = None) -> None:
+        """Apply (at most `max_batches` of) one rank's waiting KV events; a failure here must never
+        reach request dispatch."""
         try:
-            for update in stream.drain():
-                if update.rebuild:
-                    self.router.rebuild(stream.rank, (e for b in update.batches for e in b.events))
-                    continue
-                if update.lost:
-                    self.router.mark_stale(stream.rank)
-                for batch in update.batches:
-                    self.router.apply_events(stream.rank, batch.events)
+            apply_stream(self.router, stream, max_batches)
         except Exception:
             self.ingest_errors += 1
             self.router.mark_stale(stream.rank)
@@ -221,25 +215,18 @@ class KvmulDataParallelController(DataParallelController):
     def event_loop(self) -> None:
         if not self.kvmul_enabled and os.environ.get(POLL_ALL_METHODS_ENV) != "1":
             return super().event_loop()
-        poller = zmq.Poller()
-        poller.register(self.recv_from_tokenizer, zmq.POLLIN)
-        by_socket = {}
-        for stream in getattr(self, "streams", ()):
-            poller.register(stream.sub, zmq.POLLIN)
-            by_socket[stream.sub] = stream
+        loop = DispatchLoop(self.recv_from_tokenizer, getattr(self, "streams", ()), self._drain_requests, self._ingest)
         while True:
             self.soft_watchdog.feed()
-            ready = dict(poller.poll(POLL_MS))
-            for sock in ready:
-                stream = by_socket.get(sock)
-                if stream is not None:
-                    self._ingest(stream)
-            while True:
-                try:
-                    recv_req = sock_recv(self.recv_from_tokenizer, flags=zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    break
-                self._request_dispatcher(recv_req)
+            loop.run_once(POLL_MS)
+
+    def _drain_requests(self) -> None:
+        while True:
+            try:
+                recv_req = sock_recv(self.recv_from_tokenizer, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            self._request_dispatcher(recv_req)
 
 
 def _session_key(req: Any) -> str | None:

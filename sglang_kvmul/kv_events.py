@@ -201,12 +201,13 @@ class RankEventStream:
         self.stats.batches += 1
         return update
 
-    def drain(self) -> list[StreamUpdate]:
-        """All messages waiting on the SUB socket, without blocking."""
+    def drain(self, max_messages: int | None = None) -> list[StreamUpdate]:
+        """Messages waiting on the SUB socket (at most `max_messages`), without blocking."""
         out: list[StreamUpdate] = []
-        while True:
+        while max_messages is None or len(out) < max_messages:
             try:
                 frames = self.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return out
             out.append(self.on_frames(frames))
+        return out

@@ -17,6 +17,7 @@ import zmq
 from sglang.srt.disaggregation.kv_events import AllBlocksCleared, BlockStored, KVEventBatch, ZmqEventPublisher
 
 from sglang_kvmul.block_hash import first_page_hash
+from sglang_kvmul.dispatch_loop import DispatchLoop
 from sglang_kvmul.kv_events import RankEventStream
 from sglang_kvmul.ports import free_port_range
 from sglang_kvmul.router import KvmulRouter
@@ -40,6 +41,7 @@ class Harness:
             self.ctx, 0, f"tcp://127.0.0.1:{self.pub_port}", f"tcp://127.0.0.1:{self.replay_port}"
         )
         self.router = KvmulRouter(num_ranks=1, page_size=1)
+        self.synced_seq = 0  # messages below this seq were covered by `connected()`
 
     def new_publisher(self) -> ZmqEventPublisher:
         publisher = ZmqEventPublisher(
@@ -59,7 +61,10 @@ class Harness:
         frames = []
         while len(frames) < n:
             assert self.stream.sub.poll(int(timeout * 1000)), f"got {len(frames)} of {n} messages"
-            frames.append(self.stream.sub.recv_multipart())
+            msg = self.stream.sub.recv_multipart()
+            # a connect probe still in flight when `connected()` caught up is not one of the n
+            if int.from_bytes(msg[1], "big") >= self.synced_seq:
+                frames.append(msg)
         return frames
 
     def apply(self, update) -> None:
@@ -82,6 +87,7 @@ class Harness:
             self.publish(AllBlocksCleared())
         self.stream.drain()
         self.apply(self.stream.catch_up())
+        self.synced_seq = self.stream.next_seq
 
     def close(self) -> None:
         self.stream.close()
@@ -184,3 +190,47 @@ def test_malformed_messages_are_counted_and_dropped(h):
     h.publish(stored(PROMPTS[5]))  # the stream keeps working
     h.apply(h.stream.on_frames(h.receive(1)[0]))
     assert h.cached(PROMPTS[5]) == 6
+
+
+def test_dispatch_loop_serves_requests_between_bounded_event_slices(h):
+    """A backlog of 40 KV-event batches never holds a waiting request: the loop dispatches it first,
+    one arriving mid-slice waits behind one batch at most, and a wake-up ingests at most
+    `slice_batches` batches until the backlog is gone."""
+    h.connected()
+    for g in range(40):
+        h.publish(stored([g + 100, g + 200, g + 300]))
+    assert h.stream.sub.poll(5000)
+    pull, push = h.ctx.socket(zmq.PULL), h.ctx.socket(zmq.PUSH)
+    pull.bind("inproc://requests")
+    push.connect("inproc://requests")
+    log: list[tuple[str, object]] = []
+
+    def drain_requests() -> None:
+        while True:
+            try:
+                log.append(("request", pull.recv(zmq.NOBLOCK)))
+            except zmq.Again:
+                return
+
+    def ingest(stream: RankEventStream, n: int) -> None:
+        updates = stream.drain(n)
+        for u in updates:
+            h.apply(u)
+        log.append(("events", len(updates)))
+        if len(log) == 4:
+            push.send(b"r2")  # arrives in the middle of a slice
+
+    loop = DispatchLoop(pull, [h.stream], drain_requests, ingest, slice_batches=8)
+    push.send(b"r1")
+    loop.run_once(1000)
+    assert log[0] == ("request", b"r1") and log[1][0] == "events" and 1 <= log[1][1] <= 8
+    assert log[4] == ("request", b"r2")  # served before the next event batch
+    for _ in range(200):
+        if sum(n for kind, n in log if kind == "events") == 40:
+            break
+        loop.run_once(1000)
+    assert sum(n for kind, n in log if kind == "events") == 40
+    assert max(n for kind, n in log if kind == "events") <= 8
+    assert h.cached([139, 239, 339]) == 3  # the last batch was applied
+    pull.close(linger=0)
+    push.close(linger=0)
