@@ -37,11 +37,13 @@ MODULES = [
     "policies.py",
     "prefix.py",
     "block_hash.py",
+    "radix_index.py",
     "mirror.py",
     "load_ledger.py",
     "pending.py",
     "router.py",
     "kv_events.py",
+    "dispatch_loop.py",
     "metrics.py",
     "controller.py",
 ]
