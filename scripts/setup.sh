@@ -46,6 +46,10 @@ if [ ! -f "$STAMP" ]; then
   fi
   step "dev tools (requirements/dev.txt)"
   pipi -r requirements/dev.txt
+  # Dynamo's Rust radix indexer, the reference in benchmarks/decision_latency.py. Without its
+  # deps: it pins pydantic<=2.13.5, SGLang needs newer, and its RadixTree uses neither.
+  step "ai-dynamo-runtime (benchmark reference, --no-deps)"
+  pipi --no-deps ai-dynamo-runtime==1.6.1
   touch "$STAMP"
 else
   step "dependencies already installed ($STAMP)"
