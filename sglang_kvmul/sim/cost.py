@@ -1,0 +1,110 @@
+"""Step-time models for the simulator: how long a prefill batch or a decode step takes.
+
+`LinearCost` is the shape every profile uses: a fixed per-step overhead, a per-token cost, an
+attention term growing with the context each new token attends to, and per-request costs. Its
+defaults are illustrative round numbers, NOT fitted to any machine; fitted profiles (the CPU server,
+roofline GPU shapes) are separate work and must say where their numbers come from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class CostModel(Protocol):
+    def prefill_s(self, new_tokens: int, cached_context: int, requests: int) -> float: ...
+
+    def decode_s(self, batch: int, total_context: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    step_s: float = 0.005  # per step: scheduling, launch
+    prefill_token_s: float = 50e-6  # per new prompt token (linear layers)
+    attn_token_ctx_s: float = 2e-9  # per (new token x context token it attends to)
+    decode_req_s: float = 0.2e-3  # per running request per decode step
+    decode_ctx_s: float = 5e-9  # per context token read per decode step (KV bandwidth)
+
+    def prefill_s(self, new_tokens: int, cached_context: int, requests: int) -> float:
+        attn = new_tokens * (cached_context + new_tokens / max(1, requests) / 2)
+        return self.step_s + self.prefill_token_s * new_tokens + self.attn_token_ctx_s * attn
+
+    def decode_s(self, batch: int, total_context: int) -> float:
+        return self.step_s + self.decode_req_s * batch + self.decode_ctx_s * total_context
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    active_params: float  # parameters used per token (all, for a dense model)
+    total_params: float
+    experts: int = 0  # MoE: routed experts per layer, experts chosen per token, params per expert
+    experts_per_token: int = 0
+    expert_params: float = 0.0
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2  # K and V, bf16
+
+
+# Shapes from the models' public configs (Qwen2.5-7B-Instruct, Qwen3-30B-A3B).
+QWEN25_7B = ModelShape(
+    layers=28, hidden=3584, heads=28, kv_heads=4, head_dim=128, active_params=7.6e9, total_params=7.6e9
+)
+QWEN3_30B_A3B = ModelShape(
+    layers=48, hidden=2048, heads=32, kv_heads=4, head_dim=128, active_params=3.3e9, total_params=30.5e9,
+    experts=128, experts_per_token=8, expert_params=3 * 2048 * 768,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RooflineCost:
+    """Step time from FLOPs and bytes on an H100-class card (989 TFLOP/s bf16 dense, 3.35 TB/s).
+
+    UNMEASURED: the efficiency factors are assumptions (no GPU was available to fit them): prefill
+    reaches `mfu` of peak FLOPs; decode moves weights and KV at `bw_eff` of peak bandwidth, or is
+    FLOP-bound at `mfu` for large batches; `step_s` is the scheduler's per-step CPU overhead.
+    """
+
+    model: ModelShape
+    peak_flops: float = 989e12
+    peak_bw: float = 3.35e12
+    mfu: float = 0.5
+    bw_eff: float = 0.7
+    step_s: float = 0.002
+
+    def _attn_flops(self, new_tokens: int, context: float) -> float:
+        m = self.model
+        return 4 * m.layers * m.heads * m.head_dim * new_tokens * context  # QK^T and AV
+
+    def prefill_s(self, new_tokens: int, cached_context: int, requests: int) -> float:
+        ctx = cached_context / max(1, requests) + new_tokens / max(1, requests) / 2  # per-request mean
+        flops = 2 * self.model.active_params * new_tokens + self._attn_flops(new_tokens, ctx)
+        return self.step_s + flops / (self.peak_flops * self.mfu)
+
+    def _weight_bytes(self, batch: int) -> float:
+        m = self.model
+        if not m.experts:
+            return 2 * m.total_params
+        # experts touched by `batch` tokens (uniform routing), per layer
+        touched = m.experts * (1 - (1 - m.experts_per_token / m.experts) ** batch)
+        dense = m.total_params - m.layers * m.experts * m.expert_params
+        return 2 * (dense + m.layers * touched * m.expert_params)
+
+    def decode_s(self, batch: int, total_context: int) -> float:
+        m = self.model
+        bytes_moved = self._weight_bytes(batch) + total_context * m.kv_bytes_per_token
+        flops = 2 * m.active_params * batch + self._attn_flops(batch, total_context / max(1, batch))
+        return self.step_s + max(bytes_moved / (self.peak_bw * self.bw_eff), flops / (self.peak_flops * self.mfu))
+
+
+PROFILES: dict[str, CostModel] = {
+    "h100-qwen2.5-7b": RooflineCost(QWEN25_7B),
+    "h100-qwen3-30b-a3b": RooflineCost(QWEN3_30B_A3B),
+    "illustrative": LinearCost(),
+}

@@ -1,0 +1,87 @@
+"""The event loop: arrivals routed by the production router, ranks stepping, events and load snapshots
+reaching the router after a configurable delay (SGLang publishes them over ZMQ)."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sglang_kvmul.load_ledger import LoadSnapshotView
+from sglang_kvmul.policies import rule_by_name
+from sglang_kvmul.router import KvmulRouter
+from sglang_kvmul.sim.cost import CostModel, LinearCost
+from sglang_kvmul.sim.rank import RankConfig, SimRank, SimRequest
+from sglang_kvmul.workloads import TraceRequest
+
+SNAPSHOT_EVERY_DECODES = 8
+
+
+@dataclass
+class SimConfig:
+    ranks: int = 4
+    rank: RankConfig = field(default_factory=RankConfig)
+    rule: str = "kvmul"  # any `policies.rule_by_name` name
+    event_delay_s: float = 0.002  # KV events and load snapshots reach the router this much later
+
+
+class Simulation:
+    def __init__(self, cfg: SimConfig, cost: CostModel | None = None) -> None:
+        self.cfg = cfg
+        cost = cost or LinearCost()
+        self.ranks = [SimRank(r, cfg.rank, cost) for r in range(cfg.ranks)]
+        self.router = KvmulRouter(cfg.ranks, cfg.rank.page_size, rule=rule_by_name(cfg.rule))
+        self._heap: list[tuple[float, int, str, object]] = []
+        self._seq = 0
+
+    def _push(self, t: float, kind: str, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, payload))
+
+    def _publish(self, rank: SimRank, now: float, snapshot: bool = True) -> None:
+        events = rank.cache.take_events()
+        if events:
+            self._push(now + self.cfg.event_delay_s, "events", (rank.rank, events))
+        if snapshot:
+            self._push(now + self.cfg.event_delay_s, "snapshot", (rank.rank, LoadSnapshotView(**rank.snapshot(now))))
+
+    def _kick(self, rank: SimRank, now: float) -> None:
+        end = rank.start_step(now)
+        if end is not None:
+            self._push(end, "step", rank)
+        if rank.cache.events:  # admission evicted pages
+            self._publish(rank, now, snapshot=False)
+
+    def run(self, workload: Sequence[TraceRequest]) -> list[SimRequest]:
+        reqs = [SimRequest(i, w.arrival, list(w.input_ids), max(1, w.output_len)) for i, w in enumerate(workload)]
+        for req in reqs:
+            self._push(req.arrival, "arrive", req)
+        while self._heap:
+            now, _, kind, payload = heapq.heappop(self._heap)
+            if kind == "arrive":
+                req = payload
+                d = self.router.route(req.tokens, len(req.tokens) - 1, now)
+                req.rank, req.predicted_cached = d.rank, d.predicted_cached
+                rank = self.ranks[d.rank]
+                rank.waiting.append(req)
+                self._kick(rank, now)
+            elif kind == "step":
+                rank = payload
+                decoded = rank.decoding
+                rank.finish_step(now)
+                self._kick(rank, now)
+                # SGLang publishes a load snapshot after each prefill batch, every few decode
+                # batches, and when idle
+                rank.steps += 1
+                busy = rank.busy_until is not None
+                self._publish(rank, now, not decoded or not busy or rank.steps % SNAPSHOT_EVERY_DECODES == 0)
+            elif kind == "events":
+                r, events = payload
+                self.router.apply_events(r, events)
+            else:
+                r, snap = payload
+                self.router.apply_snapshot(r, snap, now)
+        unfinished = [r.rid for r in reqs if r.finish is None]
+        if unfinished:
+            raise RuntimeError(f"{len(unfinished)} requests never finished (first: {unfinished[:5]})")
+        return reqs

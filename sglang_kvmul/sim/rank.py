@@ -1,0 +1,167 @@
+"""One simulated SGLang rank: what its scheduler does that matters for routing.
+
+FCFS waiting queue; a step is either a prefill batch (SGLang's default: it stalls decoding, no mixed
+chunks) or one decode token for every running request. A prefill batch takes waiting requests in
+order while their uncached tokens fit the chunked-prefill budget (the first one may be cut into
+chunks across steps), the running cap allows, and the KV pool has room for their new pages plus a
+decode reservation after evicting unreferenced cache. A request's prompt pages are inserted into
+the prefix cache when its prefill completes (SGLang's `cache_unfinished_req`), and its pages are
+released when it finishes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from sglang_kvmul.sim.cost import CostModel
+from sglang_kvmul.sim.prefix_cache import Page, SimPrefixCache
+
+
+@dataclass(eq=False)
+class SimRequest:
+    rid: int
+    arrival: float
+    tokens: list[int]
+    output_len: int
+    rank: int = -1
+    predicted_cached: int = 0
+    cached: int = 0  # what the scheduler took from cache when it admitted the request
+    prefilled: int = 0  # prompt tokens computed so far (beyond the cached prefix)
+    generated: int = 0
+    first_token: float | None = None
+    finish: float | None = None
+    path: list[Page] = field(default_factory=list)
+    admitted: bool = False
+    chunk: int = 0  # prompt tokens in the step in flight
+    prompt_pages: int = 0  # KV pages reserved for the uncached prompt, until it enters the cache
+    decode_pages: int = 0  # KV pages reserved for the output, until the request finishes
+
+
+@dataclass
+class RankConfig:
+    page_size: int = 16
+    kv_pages: int = 65536
+    chunk_tokens: int = 8192
+    max_running: int = 256
+    decode_reserve_tokens: int = 256  # per admitted request (SGLang's new-token reservation)
+
+
+class SimRank:
+    def __init__(self, rank: int, cfg: RankConfig, cost: CostModel) -> None:
+        self.rank = rank
+        self.cfg = cfg
+        self.cost = cost
+        self.cache = SimPrefixCache(cfg.page_size, cfg.kv_pages)
+        self.waiting: deque[SimRequest] = deque()
+        self.running: list[SimRequest] = []
+        self.prefilling: list[SimRequest] = []  # the batch of the step in flight
+        self.busy_until: float | None = None
+        self.decoding = False
+        self.steps = 0
+        self.prefilled_total = 0  # cumulative uncached prefill tokens (SGLang's load-snapshot counter)
+        self.reserved_pages = 0
+
+    # ---- admission --------------------------------------------------------------------------
+    def _limit(self, req: SimRequest) -> int:
+        return len(req.tokens) - 1  # the last prompt token is always computed
+
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.cfg.page_size)
+
+    def _admit(self, req: SimRequest, now: float) -> bool:
+        path = self.cache.match(req.tokens, self._limit(req))
+        prompt_pages = self._pages_for(len(req.tokens)) - len(path)
+        decode_pages = self._pages_for(self.cfg.decode_reserve_tokens)
+        short = prompt_pages + decode_pages - (self.cache.free_pages - self.reserved_pages)
+        if short > 0:
+            self.cache.ref(path)  # never evict our own prefix to make room for ourselves
+            self.cache.evict(short)
+            self.cache.unref(path, now)
+            if prompt_pages + decode_pages > self.cache.free_pages - self.reserved_pages:
+                return False
+        self.cache.ref(path)
+        req.path, req.admitted = path, True
+        req.cached = len(path) * self.cfg.page_size
+        req.prompt_pages, req.decode_pages = prompt_pages, decode_pages
+        self.reserved_pages += prompt_pages + decode_pages
+        return True
+
+    # ---- steps -------------------------------------------------------------------------------
+    def start_step(self, now: float) -> float | None:
+        """Begin the next step if idle; returns its end time, or None when there is nothing to do."""
+        if self.busy_until is not None:
+            return None
+        budget = self.cfg.chunk_tokens
+        batch: list[SimRequest] = []
+        tokens = context = 0
+        while self.waiting and budget > 0 and len(self.running) + len(batch) < self.cfg.max_running:
+            req = self.waiting[0]
+            if not req.admitted and not self._admit(req, now):
+                if not self.running and not batch and not self.reserved_pages:
+                    need = self._pages_for(len(req.tokens) + self.cfg.decode_reserve_tokens)
+                    raise ValueError(f"request {req.rid} needs {need} KV pages; a rank has {self.cfg.kv_pages}")
+                break
+            todo = len(req.tokens) - req.cached - req.prefilled
+            take = min(todo, budget)
+            req.chunk = take
+            tokens += take
+            context += req.cached + req.prefilled
+            budget -= take
+            batch.append(req)
+            if take < todo:
+                break  # chunked: the rest of this prompt goes in the next step
+            self.waiting.popleft()
+        if batch:
+            self.prefilling = batch
+            self.decoding = False
+            self.busy_until = now + self.cost.prefill_s(tokens, context, len(batch))
+        elif self.running:
+            self.decoding = True
+            ctx = sum(len(r.tokens) + r.generated for r in self.running)
+            self.busy_until = now + self.cost.decode_s(len(self.running), ctx)
+        return self.busy_until
+
+    def finish_step(self, now: float) -> list[SimRequest]:
+        """Apply the step that ends now; returns the requests that finished."""
+        self.busy_until = None
+        done: list[SimRequest] = []
+        if self.decoding:
+            for req in self.running:
+                req.generated += 1
+            done = [r for r in self.running if r.generated >= r.output_len]
+            self.running = [r for r in self.running if r.generated < r.output_len]
+        else:
+            for req in self.prefilling:
+                req.prefilled += req.chunk
+                self.prefilled_total += req.chunk
+                if req.cached + req.prefilled < len(req.tokens):
+                    continue  # a chunk of a longer prompt: the request stays at the queue head
+                path = self.cache.insert(req.tokens, now)
+                self.cache.ref(path)
+                self.cache.unref(req.path, now)
+                req.path = path
+                self.reserved_pages -= req.prompt_pages  # those pages are in the cache now
+                req.first_token = now  # the prefill step samples the first token
+                req.generated = 1
+                if req.generated >= req.output_len:
+                    done.append(req)
+                else:
+                    self.running.append(req)
+            self.prefilling = []
+        for req in done:
+            req.finish = now
+            self.cache.unref(req.path, now)
+            self.reserved_pages -= req.decode_pages
+        return done
+
+    # ---- what the router sees ----------------------------------------------------------------
+    def snapshot(self, now: float) -> dict:
+        return {
+            "timestamp": now,
+            "num_running_reqs": len(self.running),
+            "num_waiting_reqs": len(self.waiting),
+            "num_waiting_uncached_tokens": sum(len(r.tokens) - r.cached - r.prefilled for r in self.waiting),
+            "total_prefill_uncached_tokens": self.prefilled_total,
+            "num_total_tokens": self.cache.num_pages * self.cfg.page_size,
+        }
