@@ -112,8 +112,16 @@ def sglang_cache_aware(cache_threshold: float = 0.5, balance_abs: int = 32, bala
     return rule
 
 
+def round_robin(view: RankView, rotation: int) -> tuple[int, bool, list[float]]:
+    """SGLang's `round_robin`: the next rank in turn, blind to cache and load. For the simulator;
+    the live controller runs SGLang's own with `--load-balance-method round_robin`."""
+    n = len(view.cached)
+    return rotation % n, True, [0.0] * n  # a "tie" every time, so the router advances the turn
+
+
 RULES: dict[str, Callable[[], Rule]] = {
     "kvmul": lambda: kvmul,
+    "round_robin": lambda: round_robin,
     "cache_only": lambda: cache_only,
     "load_only": lambda: load_only,
     "vllm_v1": lambda: vllm_v1,
@@ -123,7 +131,8 @@ RULES: dict[str, Callable[[], Rule]] = {
 
 
 def rule_by_name(name: str) -> Rule:
-    """`kvmul`, `cache_only`, `load_only`, `vllm_v1`, `dynamo`, `sglang_cache_aware`, or `linear:<alpha>`."""
+    """`kvmul`, `round_robin`, `cache_only`, `load_only`, `vllm_v1`, `dynamo`, `sglang_cache_aware`,
+    or `linear:<alpha>`."""
     if name.startswith("linear:"):
         return linear(float(name.split(":", 1)[1]))
     if name not in RULES:

@@ -3,6 +3,7 @@
 import pytest
 
 from sglang_kvmul.policies import RankView, rule_by_name
+from sglang_kvmul.router import KvmulRouter
 
 
 def view(cached, queued=(0, 0), running=(0, 0), waiting=(0, 0), kv=(0, 0), prompt=1000, page=1):
@@ -61,3 +62,8 @@ def test_sglang_cache_aware_gates_on_imbalance_then_match_rate():
 def test_unknown_rule_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown routing rule"):
         rule_by_name("fastest")
+
+
+def test_round_robin_rule_takes_turns_through_the_router():
+    r = KvmulRouter(3, 1, rule=rule_by_name("round_robin"))
+    assert [r.route([1, 2, 3], 2, 0.0).rank for _ in range(6)] == [0, 1, 2, 0, 1, 2]
