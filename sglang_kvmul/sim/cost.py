@@ -1,9 +1,9 @@
 """Step-time models for the simulator: how long a prefill batch or a decode step takes.
 
-`LinearCost` is the shape every profile uses: a fixed per-step overhead, a per-token cost, an
-attention term growing with the context each new token attends to, and per-request costs. Its
-defaults are illustrative round numbers, NOT fitted to any machine; fitted profiles (the CPU server,
-roofline GPU shapes) are separate work and must say where their numbers come from.
+`LinearCost`: fixed per-step overheads, a per-token cost, an attention term growing with the
+context each new token attends to, per-request and per-context decode costs. Its defaults are
+illustrative round numbers; `cpu-bench` is fitted (see PROFILES). `RooflineCost`: GPU shapes from
+FLOPs and bytes, unmeasured.
 """
 
 from __future__ import annotations
@@ -20,18 +20,19 @@ class CostModel(Protocol):
 
 @dataclass(frozen=True)
 class LinearCost:
-    step_s: float = 0.005  # per step: scheduling, launch
+    prefill_fixed_s: float = 0.005  # per prefill step: scheduling, launch (and, when fitted from TTFT, the HTTP path)
     prefill_token_s: float = 50e-6  # per new prompt token (linear layers)
     attn_token_ctx_s: float = 2e-9  # per (new token x context token it attends to)
+    decode_step_s: float = 0.005  # per decode step
     decode_req_s: float = 0.2e-3  # per running request per decode step
     decode_ctx_s: float = 5e-9  # per context token read per decode step (KV bandwidth)
 
     def prefill_s(self, new_tokens: int, cached_context: int, requests: int) -> float:
         attn = new_tokens * (cached_context + new_tokens / max(1, requests) / 2)
-        return self.step_s + self.prefill_token_s * new_tokens + self.attn_token_ctx_s * attn
+        return self.prefill_fixed_s + self.prefill_token_s * new_tokens + self.attn_token_ctx_s * attn
 
     def decode_s(self, batch: int, total_context: int) -> float:
-        return self.step_s + self.decode_req_s * batch + self.decode_ctx_s * total_context
+        return self.decode_step_s + self.decode_req_s * batch + self.decode_ctx_s * total_context
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,15 @@ class RooflineCost:
 
 
 PROFILES: dict[str, CostModel] = {
+    # Fitted by benchmarks/fit_cpu_cost.py to the real CPU SGLang server, built-in `bench` model
+    # (the one every CPU benchmark here serves), one rank on one core; fit within ~5% of every
+    # measured point (benchmarks/results/sim/cpu_cost_fit.md). The "tiny" shape is too small for
+    # prefix hits to matter on CPU, so the fit uses the model the comparisons use.
+    "cpu-bench": LinearCost(
+        prefill_fixed_s=1.318e-2, prefill_token_s=1.913e-4, attn_token_ctx_s=6.230e-8,
+        decode_step_s=7.646e-3, decode_req_s=1.186e-7, decode_ctx_s=9.485e-6,
+    ),
     "h100-qwen2.5-7b": RooflineCost(QWEN25_7B),
     "h100-qwen3-30b-a3b": RooflineCost(QWEN3_30B_A3B),
     "illustrative": LinearCost(),
-}
+}  # fmt: skip
