@@ -63,7 +63,8 @@ def main() -> None:
     work = RESULTS / "sim"
     work.mkdir(parents=True, exist_ok=True)
     prefill, decode = [], []
-    with running_server(model, cpu_server_args(16384), work / "cpu_cost_fit.server.log") as srv:
+    log = RESULTS / "sim.work" / "cpu_cost_fit.server.log"  # (gitignored)
+    with running_server(model, cpu_server_args(16384), log) as srv:
         asyncio.run(_batch(srv.url, [rng.integers(3, VOCAB, 256).tolist()], 4))  # first-call costs
         for n in tqdm([int(x) for x in args.prompt_lens.split(",")] * args.repeats, desc="prefill"):
             requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
