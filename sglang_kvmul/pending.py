@@ -35,7 +35,7 @@ class PendingPrefixes:
         return len(self.entries)  # (the router's hot path tests `entries` directly)
 
     def add(self, now: float, tokens: Sequence[int], root_hash: int | None, prefilled_target: int) -> None:
-        # `tokens` is kept as given (never mutated by the caller); matching compares like types
+        # `tokens` is kept as given: the router passes tuples, so matching compares tuple to tuple
         self.entries.append(_Entry(now, tokens, root_hash, prefilled_target))
         if len(self.entries) > self.max_entries:
             del self.entries[0]

@@ -97,6 +97,7 @@ class KvmulRouter:
 
     def decide(self, tokens: Sequence[int], limit: int, namespace: CacheNamespace = DEFAULT) -> Decision:
         """Score every rank for a prompt; `limit` is the longest prefix the scheduler may reuse."""
+        tokens = _as_tuple(tokens)
         n = len(tokens)
         root = self.root_hash(tokens, namespace)
         matches = self.index.match_all(tokens, root, limit)
@@ -129,6 +130,7 @@ class KvmulRouter:
         load = self.loads[r]
         load.on_dispatch(now, decision.prompt_len - decision.cached[r], decision.prompt_len)
         if len(tokens) > self.page_size:
+            tokens = _as_tuple(tokens)  # what the index and the in-flight matching compare against
             self.pending[r].add(now, tokens, decision.root_hash, load.prefilled_seen + load.queued_uncached)
         st = self.stats
         st.decisions += 1
@@ -138,6 +140,7 @@ class KvmulRouter:
         st.last_scores = decision.scores
 
     def route(self, tokens: Sequence[int], limit: int, now: float, namespace: CacheNamespace = DEFAULT) -> Decision:
+        tokens = _as_tuple(tokens)
         decision = self.decide(tokens, limit, namespace)
         self.commit(decision, tokens, now)
         self._rotation += decision.tie  # only rule-made choices advance the tie rotation
@@ -147,6 +150,7 @@ class KvmulRouter:
         self, rank: int, tokens: Sequence[int], limit: int, now: float, namespace: CacheNamespace = DEFAULT
     ) -> Decision:
         """Book a request whose rank was fixed elsewhere (pinned, sticky session)."""
+        tokens = _as_tuple(tokens)
         decision = self.decide(tokens, limit, namespace)
         decision.rank, decision.tie = rank, False
         self.commit(decision, tokens, now)
@@ -193,3 +197,9 @@ class KvmulRouter:
             return mirror.match(tokens, root, limit) >= limit - limit % ps
 
         self.pending[rank].prune(now, load.prefilled_seen, confirmed)
+
+
+def _as_tuple(tokens: Sequence[int]) -> tuple[int, ...]:
+    """Prompts are compared as tuples (see `radix_index`): convert once per request (~1 ns/token),
+    not once per use (match, in-flight credit, snapshot-time confirmation)."""
+    return tokens if type(tokens) is tuple else tuple(tokens)
