@@ -15,23 +15,28 @@ from collections.abc import Callable, Sequence
 
 import zmq
 
-from sglang_kvmul.kv_events import RankEventStream
+from sglang_kvmul.kv_events import RankEventStream, StreamUpdate
 from sglang_kvmul.router import KvmulRouter
 
 SLICE_BATCHES = 8  # event batches per rank per wake-up
 POLL_MS = 100  # idle wake-up, so watchdogs keep being fed
 
 
+def apply_update(router: KvmulRouter, rank: int, update: StreamUpdate) -> None:
+    """What one message of a rank's stream means for the router: a rebuild, a loss, or new batches."""
+    if update.rebuild:
+        router.rebuild(rank, (e for b in update.batches for e in b.events))
+        return
+    if update.lost:
+        router.mark_stale(rank)
+    for batch in update.batches:
+        router.apply_events(rank, batch.events)
+
+
 def apply_stream(router: KvmulRouter, stream: RankEventStream, max_batches: int | None = None) -> None:
     """Apply (at most `max_batches` of) a rank's waiting KV-event batches to the router, in order."""
     for update in stream.drain(max_batches):
-        if update.rebuild:
-            router.rebuild(stream.rank, (e for b in update.batches for e in b.events))
-            continue
-        if update.lost:
-            router.mark_stale(stream.rank)
-        for batch in update.batches:
-            router.apply_events(stream.rank, batch.events)
+        apply_update(router, stream.rank, update)
 
 
 class DispatchLoop:

@@ -17,7 +17,7 @@ import zmq
 from sglang.srt.disaggregation.kv_events import AllBlocksCleared, BlockStored, KVEventBatch, ZmqEventPublisher
 
 from sglang_kvmul.block_hash import first_page_hash
-from sglang_kvmul.dispatch_loop import DispatchLoop
+from sglang_kvmul.dispatch_loop import DispatchLoop, apply_update
 from sglang_kvmul.kv_events import RankEventStream
 from sglang_kvmul.ports import free_port_range
 from sglang_kvmul.router import KvmulRouter
@@ -68,13 +68,7 @@ class Harness:
         return frames
 
     def apply(self, update) -> None:
-        if update.rebuild:
-            self.router.rebuild(0, (e for b in update.batches for e in b.events))
-            return
-        if update.lost:
-            self.router.mark_stale(0)
-        for b in update.batches:
-            self.router.apply_events(0, b.events)
+        apply_update(self.router, 0, update)  # what the controller does with each message
 
     def cached(self, prompt: list[int]) -> int:
         return self.router.decide([*prompt, 99], limit=len(prompt)).cached[0]
