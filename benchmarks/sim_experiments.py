@@ -1,16 +1,27 @@
-"""Cluster-scale policy comparison in the simulator (first experiment: N ranks, one workload, all rules).
+"""Cluster-scale experiments in the simulator, one command each (results: benchmarks/results/sim/).
+
+  table       16 ranks; the full Mooncake conversation trace, the agentic and the API workloads;
+              every rule -> sim_table.{json,md} + sim_table_<workload>.png
+  load-sweep  Mooncake at increasing time compression, the main rules -> sim_load_sweep.{json,md,png}
+  scale       4 / 16 / 64 ranks at proportional load -> sim_scale.{json,md,png}
+  stress      workloads built to break the product rule; kvmul, the linear sweep and kvmul_guard
+              (`sglang_kvmul.guard`) -> sim_stress.{json,md,png}
 
 Every rule is the production one (`sglang_kvmul.policies` through `KvmulRouter`, fed the simulated
-ranks' KV events and load snapshots). Step times come from a cost profile (`sim/cost.py`; the GPU
-profiles are UNMEASURED rooflines). Writes JSON, a markdown table and a PNG to
-benchmarks/results/sim/.
+ranks' KV events and load snapshots). Step times come from a cost profile (`sim/cost.py`): the GPU
+profiles are rooflines whose efficiency factors are NOT measured (no GPU was lent; see
+`gpu_step_times.py`), so absolute numbers are indicative and the comparisons between rules are what
+these runs are for. Runs go to a process pool (`--workers`, default 2: this machine's cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
+from collections.abc import Callable
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -23,81 +34,304 @@ from sglang_kvmul.sim.engine import SimConfig, Simulation
 from sglang_kvmul.sim.rank import RankConfig
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
-RULES = "kvmul,cache_only,load_only,vllm_v1,dynamo,sglang_cache_aware,linear:0.25,linear:0.5,linear:0.75,linear:0.9"
+OUT = RESULTS / "sim"
+LINEAR = ["linear:0.1", "linear:0.25", "linear:0.5", "linear:0.75", "linear:0.9"]
+# stock SGLang (round_robin, total_requests = load_only with exact counts, total_tokens), vLLM v1's
+# balancer, Dynamo's cost, the SGLang gateway's cache_aware, pure affinity, the linear sweep, kvmul
+ALL_RULES = [
+    "round_robin", "load_only", "total_tokens", "vllm_v1", "dynamo", "sglang_cache_aware", "cache_only",
+    *LINEAR, "kvmul",
+]  # fmt: skip
+LABELS = {"load_only": "load_only (SGLang total_requests)"}
+
+# 16-rank workloads. Mooncake: the whole trace, 12x faster (about 60% of 16 cards' prefill compute
+# without cache hits). Agentic: 40 requests/s of growing sessions, far over capacity without
+# affinity. API: 400 system prompts (1.2M tokens: more than one rank's KV pool) at 150 requests/s.
+WORKLOADS: dict[str, dict] = {
+    "mooncake": {"fraction": 1.0, "time_compression": 12.0},
+    "agentic": {"sessions": 480, "turns": 10, "session_rate": 4.0},
+    "api": {"requests": 15000, "system_prompts": 400, "system_len": 3000, "question_len": 100, "rate": 150.0},
+}
 
 
-def summarize(rule: str, reqs: list, ranks: int, wall: float) -> dict:
+@functools.lru_cache(maxsize=1)  # specs come grouped by workload; the full trace's prompts take ~1 GB
+def _workload(name: str, params_json: str) -> list[workloads.TraceRequest]:
+    params = json.loads(params_json)
+    reqs = workloads.mooncake(TRACE, **params) if name == "mooncake" else getattr(workloads, name)(**params)
+    for r in reqs:
+        r.input_ids = tuple(r.input_ids)  # the simulator's own form: it keeps this one, no second copy
+    return reqs
+
+
+def run(spec: dict) -> dict:
+    """One simulation -> its summary row (runs in a pool worker; workloads cached per worker)."""
+    work = _workload(spec["workload"], json.dumps(spec["params"], sort_keys=True))
+    rank = RankConfig(**spec.get("rank", {}))
+    cfg = SimConfig(ranks=spec["ranks"], rank=rank, rule=spec["rule"])
+    t0 = time.perf_counter()
+    sim = Simulation(cfg, PROFILES[spec["profile"]], speeds=spec.get("speeds"))
+    reqs = sim.run(work)
+    wall = time.perf_counter() - t0
     ttft = np.array([r.first_token - r.arrival for r in reqs]) * 1e3
     tpot = np.array([(r.finish - r.first_token) / (r.output_len - 1) for r in reqs if r.output_len > 1]) * 1e3
-    per_rank = np.bincount([r.rank for r in reqs], minlength=ranks)
+    work_per_rank = np.zeros(spec["ranks"])
+    for r in reqs:
+        work_per_rank[r.rank] += len(r.tokens) - r.cached
     return {
-        "rule": rule,
+        **{k: v for k, v in spec.items() if k not in ("params",)},
         "requests": len(reqs),
         "ttft_mean_ms": float(ttft.mean()),
+        "ttft_p50_ms": float(np.percentile(ttft, 50)),
         "ttft_p99_ms": float(np.percentile(ttft, 99)),
         "tpot_mean_ms": float(tpot.mean()),
         "tpot_p99_ms": float(np.percentile(tpot, 99)),
         "hit_ratio": sum(r.cached for r in reqs) / sum(len(r.tokens) for r in reqs),
-        "imbalance": float(per_rank.max() / per_rank.mean()),
+        "imbalance": float(work_per_rank.max() / max(1.0, work_per_rank.mean())),
+        "guard_trips": dict(getattr(sim.router.rule, "trips", {})),
         "sim_wall_s": wall,
-        "ttft_samples": ttft.tolist(),
+        "ttft_hist": np.histogram(np.log10(np.maximum(ttft, 1e-3)), bins=60, range=(-1, 5))[0].tolist(),
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ranks", type=int, default=16)
-    ap.add_argument("--fraction", type=float, default=1.0, help="share of the trace's conversations")
-    ap.add_argument("--time-compression", type=float, default=1.0)
-    ap.add_argument("--profile", default="h100-qwen2.5-7b", choices=sorted(PROFILES))
-    ap.add_argument("--kv-tokens", type=int, default=1_000_000, help="KV pool per rank")
-    ap.add_argument("--rules", default=RULES)
-    ap.add_argument("--name", default="mooncake_16")
-    args = ap.parse_args()
-    work = workloads.mooncake(TRACE, fraction=args.fraction, time_compression=args.time_compression)
-    tqdm.write(f"workload: {workloads.summary(work)}")
-    rank = RankConfig(page_size=16, kv_pages=args.kv_tokens // 16)
+def run_all(specs: list[dict], workers: int, desc: str) -> list[dict]:
     rows = []
-    for rule in tqdm(args.rules.split(","), desc="rules"):
-        t0 = time.perf_counter()
-        reqs = Simulation(SimConfig(ranks=args.ranks, rank=rank, rule=rule), PROFILES[args.profile]).run(work)
-        rows.append(summarize(rule, reqs, args.ranks, time.perf_counter() - t0))
-        r = rows[-1]
-        tqdm.write(f"{rule}: TTFT {r['ttft_mean_ms']:.0f} ms, hit {r['hit_ratio']:.3f}, sim {r['sim_wall_s']:.0f} s")
-    out = RESULTS / "sim"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(
-        json.dumps({"config": vars(args), "rows": [{k: v for k, v in r.items() if k != "ttft_samples"} for r in rows]})
-    )
-    lines = [
-        f"# {args.name}\n\n{__doc__.strip()}\n\nConfig: `{json.dumps(vars(args))}`\n",
-        "| rule | TTFT mean ms | TTFT P99 | TPOT mean ms | TPOT P99 | hit ratio | max/mean requests per rank | sim s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(rows, key=lambda r: r["ttft_mean_ms"]):
-        lines.append(
-            f"| {r['rule']} | {r['ttft_mean_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['tpot_mean_ms']:.1f} | "
-            f"{r['tpot_p99_ms']:.1f} | {r['hit_ratio']:.3f} | {r['imbalance']:.2f} | {r['sim_wall_s']:.0f} |"
-        )
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    with Pool(workers, maxtasksperchild=8) as pool:
+        for row in tqdm(pool.imap_unordered(run, specs), total=len(specs), desc=desc):
+            rows.append(row)
+            tqdm.write(
+                f"{row['workload']} {row['rule']} x{row.get('load', 1):g} "
+                f"r{row['ranks']}: TTFT {row['ttft_mean_ms']:.0f} ms, TPOT {row['tpot_mean_ms']:.1f} ms, "
+                f"hit {row['hit_ratio']:.3f} ({row['sim_wall_s']:.0f} s)"
+            )
+    return rows
 
+
+def reduction(ours: float, theirs: float) -> str:
+    return f"{(ours - theirs) / theirs * 100:+.0f}%"
+
+
+def best_linear(rows: list[dict]) -> dict:
+    return min((r for r in rows if r["rule"].startswith("linear:")), key=lambda r: r["ttft_mean_ms"])
+
+
+def _row_line(r: dict) -> str:
+    name = LABELS.get(r["rule"], r["rule"])
+    return (
+        f"| {name} | {r['ttft_mean_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['tpot_mean_ms']:.1f} | "
+        f"{r['tpot_p99_ms']:.1f} | {r['hit_ratio']:.3f} | {r['imbalance']:.2f} |"
+    )
+
+
+HEADER = [
+    "| rule | TTFT mean ms | TTFT P99 ms | TPOT mean ms | TPOT P99 ms | hit ratio | work imbalance (max/mean) |",
+    "|---|---|---|---|---|---|---|",
+]
+
+
+def versus(rows: list[dict]) -> list[str]:
+    """kvmul against vLLM-v1's balancer and the best linear alpha (the paper's two headline baselines)."""
+    by = {r["rule"]: r for r in rows}
+    k, v, lin = by["kvmul"], by.get("vllm_v1"), best_linear(rows)
+    out = ["| kvmul vs | TTFT mean | TTFT P99 | TPOT mean | TPOT P99 |", "|---|---|---|---|---|"]
+    for name, b in (("vllm_v1", v), (f"best linear ({lin['rule']})", lin)):
+        if b is not None:
+            cells = [reduction(k[m], b[m]) for m in ("ttft_mean_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p99_ms")]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.append("| paper (16 GPUs, vLLM-v1 / tuned production linear) | -92% / -52% |  | -21% / -20% |  |")
+    return out
+
+
+def _save(name: str, config: dict, rows: list[dict], md: list[str]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1))
+    text = f"# {name}\n\n{__doc__.strip()}\n\nConfig: `{json.dumps(config)}`\n\n" + "\n".join(md) + "\n"
+    (OUT / f"{name}.md").write_text(text)
+    print(text)
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        xs = np.sort(r["ttft_samples"])
-        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), lw=2.5 if r["rule"] == "kvmul" else 1.2, label=r["rule"])
-    ax.set_xscale("log")
-    ax.set_xlabel("TTFT (ms)")
-    ax.set_ylabel("CDF")
-    ax.set_title(f"simulated: {args.ranks} ranks, {args.profile} (unmeasured), x{args.time_compression:g} load")
-    ax.legend(fontsize=7)
+    return plt
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    names = args.workloads.split(",")
+    specs = [
+        {"workload": w, "params": WORKLOADS[w], "ranks": 16, "profile": args.profile, "rule": rule,
+         "rank": {"kv_pages": args.kv_tokens // 16}}
+        for w in names for rule in args.rules.split(",")
+    ]  # fmt: skip
+    rows = run_all(specs, args.workers, "table")
+    md = []
+    plt = _plt()
+    for w in names:
+        sub = sorted((r for r in rows if r["workload"] == w), key=lambda r: r["ttft_mean_ms"])
+        summary = workloads.summary(_workload(w, json.dumps(WORKLOADS[w], sort_keys=True)))
+        md += [f"## {w}: 16 ranks, {args.profile}", "", f"Workload: `{json.dumps(WORKLOADS[w])}`; {summary}", ""]
+        md += HEADER + [_row_line(r) for r in sub] + [""] + versus(sub) + [""]
+        fig, ax = plt.subplots(figsize=(8, 5))
+        edges = np.logspace(-1, 5, 61)
+        for r in sub:
+            cdf = np.cumsum(r["ttft_hist"]) / r["requests"]
+            ax.plot(edges[1:], cdf, lw=2.5 if r["rule"] == "kvmul" else 1.0, label=r["rule"])
+        ax.set_xscale("log")
+        ax.set_xlabel("TTFT (ms)")
+        ax.set_ylabel("CDF")
+        ax.set_title(f"simulated {w}: 16 ranks, {args.profile} (unmeasured roofline)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(OUT / f"{args.name}_{w}.png", dpi=100)
+    _save(args.name, vars(args), rows, md)
+
+
+def _sweep_plot(rows: list[dict], x: str, xlabel: str, path: Path, title: str) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for rule in sorted({r["rule"] for r in rows}):
+        pts = sorted((r[x], r["ttft_mean_ms"], r["tpot_mean_ms"]) for r in rows if r["rule"] == rule)
+        lw = 2.5 if rule == "kvmul" else 1.0
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=lw, label=rule)
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", lw=lw, label=rule)
+    for ax, what in zip(axes, ("mean TTFT (ms)", "mean TPOT (ms)"), strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(what)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out / f"{args.name}.png", dpi=100)
+    fig.savefig(path, dpi=100)
+
+
+def _grouped_table(rows: list[dict], key: str, label: str) -> list[str]:
+    md = []
+    for value in sorted({r[key] for r in rows}):
+        sub = sorted((r for r in rows if r[key] == value), key=lambda r: r["ttft_mean_ms"])
+        md += [f"## {label} {value:g}", ""] + HEADER + [_row_line(r) for r in sub] + [""] + versus(sub) + [""]
+    return md
+
+
+def cmd_load_sweep(args: argparse.Namespace) -> None:
+    """Half the conversations (to keep the sweep short), compressed twice as much: the load of the
+    whole trace at half the compression, which is the x-axis."""
+    specs = []
+    for c in map(float, args.compressions.split(",")):
+        params = {"fraction": 0.5, "time_compression": 2 * c}
+        for rule in args.rules.split(","):
+            specs.append({"workload": "mooncake", "params": params, "ranks": 16, "profile": args.profile,
+                          "rule": rule, "load": c, "rank": {"kv_pages": args.kv_tokens // 16}})  # fmt: skip
+    rows = run_all(specs, args.workers, "load sweep")
+    _sweep_plot(rows, "load", "trace time compression", OUT / f"{args.name}.png",
+                f"Mooncake, 16 ranks, {args.profile} (unmeasured)")  # fmt: skip
+    _save(args.name, vars(args), rows, _grouped_table(rows, "load", "time compression"))
+
+
+def cmd_scale(args: argparse.Namespace) -> None:
+    """Proportional load: the share of conversations and the compression grow with the ranks, so
+    each rank sees the same request rate as at 16 ranks under `--compression`."""
+    specs = []
+    for n in map(int, args.ranks.split(",")):
+        share = n / 16
+        params = (
+            {"fraction": share, "time_compression": args.compression}
+            if share <= 1
+            else {"fraction": 1.0, "time_compression": args.compression * share}
+        )
+        for rule in args.rules.split(","):
+            specs.append({"workload": "mooncake", "params": params, "ranks": n, "profile": args.profile,
+                          "rule": rule, "rank": {"kv_pages": args.kv_tokens // 16}})  # fmt: skip
+    rows = run_all(specs, args.workers, "scale")
+    _sweep_plot(rows, "ranks", "ranks", OUT / f"{args.name}.png",
+                f"Mooncake at proportional load, {args.profile} (unmeasured)")  # fmt: skip
+    _save(args.name, vars(args), rows, _grouped_table(rows, "ranks", "ranks"))
+
+
+# Workloads that push on the product rule's assumptions (see the closing notes of issue #5)
+STRESS: dict[str, dict] = {
+    # half the ranks run at half speed: neither factor knows a rank's speed
+    "heterogeneous": {"workload": "api", "speeds": [1.0] * 8 + [0.5] * 8,
+                      "params": {"requests": 6000, "system_prompts": 48, "rate": 80.0}},
+    # small KV pools: cache affinity piles long prompts onto ranks that must evict or cannot admit
+    "kv_pressure": {"workload": "agentic", "rank": {"kv_pages": 120_000 // 16},
+                    "params": {"sessions": 240, "session_rate": 2.0}},
+    # long outputs on short prompts: decode batch dominates, prefill is cheap
+    "long_outputs": {"workload": "api", "params": {"requests": 4000, "system_prompts": 16, "system_len": 1500,
+                                                   "question_len": 50, "output_len": 2000, "rate": 20.0}},
+    # near-full hits: a huge shared prompt and tiny suffixes make the uncached factor almost zero
+    "tiny_suffix": {"workload": "api", "params": {"requests": 8000, "system_prompts": 64, "system_len": 16000,
+                                                  "question_len": 16, "output_len": 300, "rate": 100.0}},
+}  # fmt: skip
+
+
+def cmd_stress(args: argparse.Namespace) -> None:
+    specs = []
+    for case in args.cases.split(","):
+        base = STRESS[case]
+        for rule in args.rules.split(","):
+            specs.append({"case": case, "ranks": 16, "profile": args.profile, "rule": rule,
+                          "rank": base.get("rank", {"kv_pages": args.kv_tokens // 16}), **base})  # fmt: skip
+    rows = run_all(specs, args.workers, "stress")
+    md = []
+    for case in args.cases.split(","):
+        sub = sorted((r for r in rows if r["case"] == case), key=lambda r: r["ttft_mean_ms"])
+        md += [f"## {case}", "", f"`{json.dumps(STRESS[case])}`", ""] + HEADER + [_row_line(r) for r in sub]
+        guarded = next(r for r in sub if r["rule"] == "kvmul_guard")
+        md += ["", f"Guard trips (decisions the guard changed): {guarded['guard_trips']}", "", *versus(sub), ""]
+    plt = _plt()
+    cases = args.cases.split(",")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / 3
+    for i, (label, pick) in enumerate(
+        [
+            ("kvmul", lambda s: next(r for r in s if r["rule"] == "kvmul")),
+            ("best linear", best_linear),
+            ("kvmul_guard", lambda s: next(r for r in s if r["rule"] == "kvmul_guard")),
+        ]
+    ):
+        vals = [pick([r for r in rows if r["case"] == c])["ttft_mean_ms"] for c in cases]
+        ax.bar(np.arange(len(cases)) + i * width, vals, width, label=label)
+    ax.set_xticks(np.arange(len(cases)) + width, cases)
+    ax.set_yscale("log")
+    ax.set_ylabel("mean TTFT (ms)")
+    ax.legend()
+    ax.set_title(f"stress cases, 16 ranks, {args.profile} (unmeasured)")
+    fig.tight_layout()
+    fig.savefig(OUT / f"{args.name}.png", dpi=100)
+    _save(args.name, vars(args), rows, md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    commands: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+        "table": (cmd_table, ",".join(ALL_RULES)),
+        "load-sweep": (
+            cmd_load_sweep,
+            "round_robin,vllm_v1,dynamo,sglang_cache_aware,linear:0.25,linear:0.5,linear:0.75,kvmul",
+        ),
+        "scale": (cmd_scale, "vllm_v1,linear:0.5,linear:0.75,kvmul"),
+        "stress": (cmd_stress, "vllm_v1,linear:0.1,linear:0.25,linear:0.5,linear:0.75,linear:0.9,kvmul,kvmul_guard"),
+    }
+    for name, (fn, rules) in commands.items():
+        p = sub.add_parser(name)
+        p.set_defaults(fn=fn)
+        p.add_argument("--rules", default=rules)
+        p.add_argument("--profile", default="h100-qwen2.5-7b", choices=sorted(PROFILES))
+        p.add_argument("--kv-tokens", type=int, default=1_000_000, help="KV pool per rank (7B on an 80 GB card)")
+        p.add_argument("--workers", type=int, default=2)
+        p.add_argument("--name", default=f"sim_{name.replace('-', '_')}")
+    sub.choices["table"].add_argument("--workloads", default=",".join(WORKLOADS))
+    sub.choices["load-sweep"].add_argument("--compressions", default="4,8,12,16", help="of the whole trace")
+    sub.choices["scale"].add_argument("--ranks", default="4,16,64")
+    sub.choices["scale"].add_argument("--compression", type=float, default=12.0)
+    sub.choices["stress"].add_argument("--cases", default=",".join(STRESS))
+    args = ap.parse_args()
+    fn = args.fn
+    del args.fn
+    fn(args)
 
 
 if __name__ == "__main__":

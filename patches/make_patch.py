@@ -34,6 +34,7 @@ TARGET_PKG = "sglang/srt/managers/kvmul"
 MODULES = [
     "__init__.py",
     "policy.py",
+    "guard.py",
     "policies.py",
     "prefix.py",
     "block_hash.py",

@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 RECV_SLACK_S = 0.01  # an idle scheduler picks up a request within this long of its dispatch
+MIN_TOKENS_FOR_SPEED = 16384  # prefilled tokens before a rank's measured speed is trusted
 
 
 @dataclass
@@ -25,6 +26,9 @@ class LoadSnapshotView:
     num_waiting_uncached_tokens: int
     total_prefill_uncached_tokens: int
     num_total_tokens: int = 0  # KV tokens held by requests, plus the pending ones
+    max_running_requests: int = 0  # capacity (0: unknown); read by the guard
+    max_total_num_tokens: int = 0
+    total_prefill_busy_us: int = 0  # cumulative time in prefill, beside total_prefill_uncached_tokens
 
 
 @dataclass
@@ -41,6 +45,14 @@ class RankLoad:
     resyncs: int = 0  # times an idle snapshot reset the queued-token ledger
 
     kv_since: int = 0  # prompt tokens dispatched since the last snapshot
+    max_running: int = 0  # SGLang's max_running_requests (0: not reported)
+    max_kv_tokens: int = 0  # SGLang's max_total_num_tokens (0: not reported)
+    prefill_busy_us: int = 0  # cumulative, as reported
+
+    @property
+    def prefill_us_per_token(self) -> float:
+        """Measured prefill time per uncached token (0.0 until a few chunks were prefilled)."""
+        return self.prefill_busy_us / self.prefilled_seen if self.prefilled_seen >= MIN_TOKENS_FOR_SPEED else 0.0
 
     @property
     def running(self) -> int:
@@ -74,6 +86,9 @@ class RankLoad:
         self.snap_running = snap.num_running_reqs
         self.snap_waiting = snap.num_waiting_reqs
         self.snap_kv_tokens = getattr(snap, "num_total_tokens", 0)
+        self.max_running = getattr(snap, "max_running_requests", 0) or 0
+        self.max_kv_tokens = getattr(snap, "max_total_num_tokens", 0) or 0
+        self.prefill_busy_us = getattr(snap, "total_prefill_busy_us", 0) or 0
         self.kv_since = 0
         done = snap.total_prefill_uncached_tokens - self.prefilled_seen
         if done < 0:  # the scheduler restarted and its counter began again

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from sglang_kvmul.guard import GuardedKvmul
 from sglang_kvmul.policy import kvmul_scores, pick_lowest
 
 
@@ -24,6 +25,10 @@ class RankView:
     waiting: Sequence[int]
     kv_tokens: Sequence[int]  # KV tokens held by the rank's requests
     page_size: int
+    # capacities and measured speed from the load snapshots (empty or 0: not reported); the guard reads them
+    max_running: Sequence[int] = ()
+    max_kv_tokens: Sequence[int] = ()
+    prefill_us_per_token: Sequence[float] = ()
 
     @property
     def uncached(self) -> list[int]:
@@ -112,6 +117,12 @@ def sglang_cache_aware(cache_threshold: float = 0.5, balance_abs: int = 32, bala
     return rule
 
 
+def total_tokens(view: RankView, rotation: int) -> tuple[int, bool, list[float]]:
+    """SGLang's `total_tokens`: fewest KV tokens held or about to be held (num_total_tokens). For the
+    simulator; the live controller runs SGLang's own with `--load-balance-method total_tokens`."""
+    return _lowest(view.kv_tokens, view, rotation)
+
+
 def round_robin(view: RankView, rotation: int) -> tuple[int, bool, list[float]]:
     """SGLang's `round_robin`: the next rank in turn, blind to cache and load. For the simulator;
     the live controller runs SGLang's own with `--load-balance-method round_robin`."""
@@ -121,7 +132,9 @@ def round_robin(view: RankView, rotation: int) -> tuple[int, bool, list[float]]:
 
 RULES: dict[str, Callable[[], Rule]] = {
     "kvmul": lambda: kvmul,
+    "kvmul_guard": lambda: GuardedKvmul(),
     "round_robin": lambda: round_robin,
+    "total_tokens": lambda: total_tokens,
     "cache_only": lambda: cache_only,
     "load_only": lambda: load_only,
     "vllm_v1": lambda: vllm_v1,
@@ -131,8 +144,8 @@ RULES: dict[str, Callable[[], Rule]] = {
 
 
 def rule_by_name(name: str) -> Rule:
-    """`kvmul`, `round_robin`, `cache_only`, `load_only`, `vllm_v1`, `dynamo`, `sglang_cache_aware`,
-    or `linear:<alpha>`."""
+    """`kvmul`, `kvmul_guard`, `round_robin`, `total_tokens`, `cache_only`, `load_only`, `vllm_v1`,
+    `dynamo`, `sglang_cache_aware`, or `linear:<alpha>`."""
     if name.startswith("linear:"):
         return linear(float(name.split(":", 1)[1]))
     if name not in RULES:

@@ -67,3 +67,7 @@ def test_unknown_rule_is_a_clear_error():
 def test_round_robin_rule_takes_turns_through_the_router():
     r = KvmulRouter(3, 1, rule=rule_by_name("round_robin"))
     assert [r.route([1, 2, 3], 2, 0.0).rank for _ in range(6)] == [0, 1, 2, 0, 1, 2]
+
+
+def test_total_tokens_picks_the_fewest_kv_tokens_blind_to_cache():
+    assert pick("total_tokens", view(cached=(900, 0), kv=(5000, 4000))) == 1

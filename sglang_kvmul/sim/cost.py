@@ -36,6 +36,20 @@ class LinearCost:
 
 
 @dataclass(frozen=True)
+class ScaledCost:
+    """Another model's step times divided by `speed`: a slower (or faster) card in a mixed fleet."""
+
+    base: CostModel
+    speed: float
+
+    def prefill_s(self, new_tokens: int, cached_context: int, requests: int) -> float:
+        return self.base.prefill_s(new_tokens, cached_context, requests) / self.speed
+
+    def decode_s(self, batch: int, total_context: int) -> float:
+        return self.base.decode_s(batch, total_context) / self.speed
+
+
+@dataclass(frozen=True)
 class ModelShape:
     layers: int
     hidden: int

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from sglang_kvmul.load_ledger import LoadSnapshotView
 from sglang_kvmul.policies import rule_by_name
 from sglang_kvmul.router import KvmulRouter
-from sglang_kvmul.sim.cost import CostModel, LinearCost
+from sglang_kvmul.sim.cost import CostModel, LinearCost, ScaledCost
 from sglang_kvmul.sim.rank import RankConfig, SimRank, SimRequest
 from sglang_kvmul.workloads import TraceRequest
 
@@ -23,16 +23,22 @@ class SimConfig:
     rank: RankConfig = field(default_factory=RankConfig)
     rule: str = "kvmul"  # any `policies.rule_by_name` name
     event_delay_s: float = 0.002  # KV events and load snapshots reach the router this much later
+    fuse_decode: bool = True  # take uninterruptible decode runs as one block (same timeline, faster)
 
 
 class Simulation:
-    def __init__(self, cfg: SimConfig, cost: CostModel | None = None) -> None:
+    def __init__(self, cfg: SimConfig, cost: CostModel | None = None, speeds: Sequence[float] | None = None) -> None:
+        """`speeds`: per-rank speed factors (a mixed fleet)."""
         self.cfg = cfg
         cost = cost or LinearCost()
-        self.ranks = [SimRank(r, cfg.rank, cost) for r in range(cfg.ranks)]
+        speeds = speeds or [1.0] * cfg.ranks
+        if len(speeds) != cfg.ranks:
+            raise ValueError(f"{len(speeds)} speeds for {cfg.ranks} ranks")
+        self.ranks = [SimRank(r, cfg.rank, cost if s == 1.0 else ScaledCost(cost, s)) for r, s in enumerate(speeds)]
         self.router = KvmulRouter(cfg.ranks, cfg.rank.page_size, rule=rule_by_name(cfg.rule))
         self._heap: list[tuple[float, int, str, object]] = []
         self._seq = 0
+        self.step_events = 0  # steps or fused decode blocks processed
 
     def _push(self, t: float, kind: str, payload: object) -> None:
         self._seq += 1
@@ -45,36 +51,44 @@ class Simulation:
         if snapshot:
             self._push(now + self.cfg.event_delay_s, "snapshot", (rank.rank, LoadSnapshotView(**rank.snapshot(now))))
 
-    def _kick(self, rank: SimRank, now: float) -> None:
-        end = rank.start_step(now)
+    def _kick(self, rank: SimRank, now: float, horizon: float) -> None:
+        end = rank.start_step(now, horizon if self.cfg.fuse_decode else now)
         if end is not None:
             self._push(end, "step", rank)
         if rank.cache.events:  # admission evicted pages
             self._publish(rank, now, snapshot=False)
 
     def run(self, workload: Sequence[TraceRequest]) -> list[SimRequest]:
-        reqs = [SimRequest(i, w.arrival, list(w.input_ids), max(1, w.output_len)) for i, w in enumerate(workload)]
-        for req in reqs:
-            self._push(req.arrival, "arrive", req)
-        while self._heap:
-            now, _, kind, payload = heapq.heappop(self._heap)
-            if kind == "arrive":
-                req = payload
+        reqs = [SimRequest(i, w.arrival, tuple(w.input_ids), max(1, w.output_len)) for i, w in enumerate(workload)]
+        arrivals = sorted(reqs, key=lambda r: r.arrival)
+        nxt, heap, inf = 0, self._heap, float("inf")
+        while heap or nxt < len(arrivals):
+            # an arrival goes before any other event at the same instant
+            if nxt < len(arrivals) and (not heap or arrivals[nxt].arrival <= heap[0][0]):
+                req = arrivals[nxt]
+                nxt += 1
+                now = req.arrival
+                horizon = arrivals[nxt].arrival if nxt < len(arrivals) else inf
                 d = self.router.route(req.tokens, len(req.tokens) - 1, now)
                 req.rank, req.predicted_cached = d.rank, d.predicted_cached
                 rank = self.ranks[d.rank]
                 rank.waiting.append(req)
-                self._kick(rank, now)
-            elif kind == "step":
+                self._kick(rank, now, horizon)
+                continue
+            horizon = arrivals[nxt].arrival if nxt < len(arrivals) else inf
+            now, _, kind, payload = heapq.heappop(heap)
+            if kind == "step":
+                self.step_events += 1
                 rank = payload
-                decoded = rank.decoding
+                decoded, before = rank.decoding, rank.steps
+                rank.steps += rank.block_steps if decoded else 1
                 rank.finish_step(now)
-                self._kick(rank, now)
+                self._kick(rank, now, horizon)
                 # SGLang publishes a load snapshot after each prefill batch, every few decode
                 # batches, and when idle
-                rank.steps += 1
                 busy = rank.busy_until is not None
-                self._publish(rank, now, not decoded or not busy or rank.steps % SNAPSHOT_EVERY_DECODES == 0)
+                every = rank.steps // SNAPSHOT_EVERY_DECODES != before // SNAPSHOT_EVERY_DECODES
+                self._publish(rank, now, not decoded or not busy or every)
             elif kind == "events":
                 r, events = payload
                 self.router.apply_events(r, events)

@@ -36,7 +36,7 @@ class AllBlocksCleared:
     pass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Page:
     key: tuple[int, ...]
     hash: int
@@ -59,17 +59,14 @@ class SimPrefixCache:
         self._lru: list[tuple[float, int, Page]] = []  # candidate leaves, validated when popped
         self._seq = 0
 
-    def _pages(self, tokens: Sequence[int]) -> list[tuple[int, ...]]:
-        ps = self.page_size
-        return [tuple(tokens[i : i + ps]) for i in range(0, len(tokens) - len(tokens) % ps, ps)]
-
     def match(self, tokens: Sequence[int], limit: int | None = None) -> list[Page]:
-        """The cached pages of the longest prefix of `tokens[:limit]`."""
+        """The cached pages of the longest prefix of `tokens[:limit]` (a tuple slices fastest)."""
+        ps = self.page_size
         n = len(tokens) if limit is None else min(limit, len(tokens))
         path: list[Page] = []
         children = self.roots
-        for key in self._pages(tokens[:n]):
-            page = children.get(key)
+        for i in range(0, n - n % ps, ps):
+            page = children.get(tuple(tokens[i : i + ps]))
             if page is None:
                 break
             path.append(page)
@@ -99,23 +96,25 @@ class SimPrefixCache:
     def insert(self, tokens: Sequence[int], now: float) -> list[Page]:
         """Cache the whole pages of `tokens` (callers make room first); returns its page path."""
         path = self.match(tokens)
-        keys = self._pages(tokens)
+        ps = self.page_size
+        start, end = len(path) * ps, len(tokens) - len(tokens) % ps
         parent = path[-1] if path else None
-        new_hashes, new_tokens = [], []
-        for key in keys[len(path) :]:
-            h = first_page_hash(key, self.page_size) if parent is None else hash((parent.hash, key)) & HASH_MASK
-            page = Page(key, h, parent, last_used=now)
-            (parent.children if parent is not None else self.roots)[key] = page
+        children = parent.children if parent is not None else self.roots
+        new_hashes = []
+        for i in range(start, end, ps):
+            key = tuple(tokens[i : i + ps])
+            h = first_page_hash(key, ps) if parent is None else hash((parent.hash, key)) & HASH_MASK
+            page = Page(key, h, parent, {}, 0, now)
+            children[key] = page
             path.append(page)
             new_hashes.append(h)
-            new_tokens.extend(key)
-            parent = page
+            parent, children = page, page.children
         if new_hashes:
             first = path[len(path) - len(new_hashes)]
             parent_hash = first.parent.hash if first.parent is not None else None
-            self.events.append(BlockStored(new_hashes, parent_hash, new_tokens))
+            self.events.append(BlockStored(new_hashes, parent_hash, list(tokens[start:end])))
             self.num_pages += len(new_hashes)
-        self.touch(path, now)
+        self.touch(path[: len(path) - len(new_hashes)], now)  # new pages carry `now` already
         if path:
             self._candidate(path[-1])
         return path

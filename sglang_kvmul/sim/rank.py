@@ -1,17 +1,20 @@
 """One simulated SGLang rank: what its scheduler does that matters for routing.
 
 FCFS waiting queue; a step is either a prefill batch (SGLang's default: it stalls decoding, no mixed
-chunks) or one decode token for every running request. A prefill batch takes waiting requests in
-order while their uncached tokens fit the chunked-prefill budget (the first one may be cut into
-chunks across steps), the running cap allows, and the KV pool has room for their new pages plus a
-decode reservation after evicting unreferenced cache. A request's prompt pages are inserted into
-the prefix cache when its prefill completes (SGLang's `cache_unfinished_req`), and its pages are
-released when it finishes.
+chunks) or one decode token for every running request. Runs of decode steps that nothing can
+interrupt (no request finishes, no request arrives anywhere: the caller's `horizon`) are taken as
+one block, step times summed exactly: the same timeline as stepping one by one, many fewer events. A
+prefill batch takes waiting requests in order while their uncached tokens fit the chunked-prefill
+budget (the first one may be cut into chunks across steps), the running cap allows, and the KV pool
+has room for their new pages plus a decode reservation after evicting unreferenced cache. A
+request's prompt pages are inserted into the prefix cache when its prefill completes (SGLang's
+`cache_unfinished_req`), and its pages are released when it finishes.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sglang_kvmul.sim.cost import CostModel
@@ -22,7 +25,7 @@ from sglang_kvmul.sim.prefix_cache import Page, SimPrefixCache
 class SimRequest:
     rid: int
     arrival: float
-    tokens: list[int]
+    tokens: Sequence[int]
     output_len: int
     rank: int = -1
     predicted_cached: int = 0
@@ -61,6 +64,9 @@ class SimRank:
         self.steps = 0
         self.prefilled_total = 0  # cumulative uncached prefill tokens (SGLang's load-snapshot counter)
         self.reserved_pages = 0
+        self.prefill_busy_s = 0.0  # cumulative prefill step time (SGLang's total_prefill_busy_us)
+        self.context = 0  # prompt + generated tokens of the running requests
+        self.block_steps = 0  # decode steps in the block in flight
 
     # ---- admission --------------------------------------------------------------------------
     def _limit(self, req: SimRequest) -> int:
@@ -88,8 +94,9 @@ class SimRank:
         return True
 
     # ---- steps -------------------------------------------------------------------------------
-    def start_step(self, now: float) -> float | None:
-        """Begin the next step if idle; returns its end time, or None when there is nothing to do."""
+    def start_step(self, now: float, horizon: float = float("inf")) -> float | None:
+        """Begin the next step if idle; returns its end time, or None when there is nothing to do.
+        A decode block runs until a request finishes or a step ends at or after `horizon`."""
         if self.busy_until is not None:
             return None
         budget = self.cfg.chunk_tokens
@@ -115,11 +122,21 @@ class SimRank:
         if batch:
             self.prefilling = batch
             self.decoding = False
-            self.busy_until = now + self.cost.prefill_s(tokens, context, len(batch))
+            step = self.cost.prefill_s(tokens, context, len(batch))
+            self.prefill_busy_s += step
+            self.busy_until = now + step
         elif self.running:
             self.decoding = True
-            ctx = sum(len(r.tokens) + r.generated for r in self.running)
-            self.busy_until = now + self.cost.decode_s(len(self.running), ctx)
+            b, ctx, t, k = len(self.running), self.context, now, 0
+            last = min(r.output_len - r.generated for r in self.running)
+            while True:
+                t += self.cost.decode_s(b, ctx)
+                ctx += b
+                k += 1
+                if k >= last or t >= horizon:
+                    break
+            self.block_steps = k
+            self.busy_until = t
         return self.busy_until
 
     def finish_step(self, now: float) -> list[SimRequest]:
@@ -127,8 +144,10 @@ class SimRank:
         self.busy_until = None
         done: list[SimRequest] = []
         if self.decoding:
+            k = self.block_steps
             for req in self.running:
-                req.generated += 1
+                req.generated += k
+            self.context += k * len(self.running)
             done = [r for r in self.running if r.generated >= r.output_len]
             self.running = [r for r in self.running if r.generated < r.output_len]
         else:
@@ -148,9 +167,12 @@ class SimRank:
                     done.append(req)
                 else:
                     self.running.append(req)
+                    self.context += len(req.tokens) + req.generated
             self.prefilling = []
         for req in done:
             req.finish = now
+            if self.decoding:
+                self.context -= len(req.tokens) + req.generated
             self.cache.unref(req.path, now)
             self.reserved_pages -= req.decode_pages
         return done
@@ -163,5 +185,11 @@ class SimRank:
             "num_waiting_reqs": len(self.waiting),
             "num_waiting_uncached_tokens": sum(len(r.tokens) - r.cached - r.prefilled for r in self.waiting),
             "total_prefill_uncached_tokens": self.prefilled_total,
-            "num_total_tokens": self.cache.num_pages * self.cfg.page_size,
+            "total_prefill_busy_us": round(self.prefill_busy_s * 1e6),
+            "max_running_requests": self.cfg.max_running,
+            "max_total_num_tokens": self.cfg.kv_pages * self.cfg.page_size,
+            # SGLang: KV used by requests + pending seqlens (the evictable cache is not counted)
+            "num_total_tokens": self.context
+            + sum(len(r.tokens) for r in self.prefilling)
+            + sum(len(r.tokens) for r in self.waiting),
         }

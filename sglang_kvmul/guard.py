@@ -1,0 +1,76 @@
+"""A guard for the product rule: detect, from live load indicators, the conditions in which
+`(queued + uncached) * (batch + 1)` is known to misroute, and mitigate them without adding a weight.
+
+The product trades relative changes of its two factors one for one. It goes wrong when one factor
+stops measuring what it stands for:
+* `saturated`: the chosen rank cannot start the request: its batch is at SGLang's
+  `max_running_requests`, or its KV pool cannot take the request's uncached tokens on top of what
+  its requests hold. Neither factor sees capacity, so a rank holding a popular prefix (uncached
+  factor near zero) keeps winning while requests queue behind its cap or its KV pool (hot prefixes,
+  long outputs, KV pressure). Mitigation: the product among the ranks that can start it now.
+* `speed_spread`: the ranks' measured prefill time per token (SGLang's cumulative
+  `total_prefill_busy_us` over `total_prefill_uncached_tokens`) differs by more than `SPREAD`. The
+  product counts tokens, and a slow rank's token costs more. Mitigation: count the prefill factor in
+  measured time (tokens x that rank's us/token), the unit TTFT is made of.
+With neither condition the guard returns exactly the product's choice. Pure; the counters say how
+often each condition changed a decision.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from sglang_kvmul.policy import kvmul_scores, pick_lowest
+
+if TYPE_CHECKING:
+    from sglang_kvmul.policies import RankView
+
+SPREAD = 1.25  # detector threshold, not a scoring weight: measured speeds closer than this are noise
+
+
+def saturated(view: RankView, rank: int) -> bool:
+    """Whether `rank` cannot start this request now (capacity it reported; unknown counts as room)."""
+    cap = view.max_running[rank] if view.max_running else 0
+    kv_cap = view.max_kv_tokens[rank] if view.max_kv_tokens else 0
+    full = cap > 0 and view.batch[rank] >= cap
+    no_room = kv_cap > 0 and view.kv_tokens[rank] + view.prompt_len - view.cached[rank] > kv_cap
+    return full or no_room
+
+
+def speed_spread(view: RankView) -> bool:
+    """Whether every rank has a measured prefill speed and they differ by more than SPREAD."""
+    speeds = list(view.prefill_us_per_token)
+    return bool(speeds) and min(speeds) > 0 and max(speeds) > SPREAD * min(speeds)
+
+
+class GuardedKvmul:
+    """The kvmul rule behind the two detectors above; `trips` counts the decisions they changed."""
+
+    __name__ = "kvmul_guard"
+
+    def __init__(self) -> None:
+        self.trips: Counter[str] = Counter()
+
+    def __call__(self, view: RankView, rotation: int) -> tuple[int, bool, list[float]]:
+        queued, uncached = list(view.queued), view.uncached
+        prefill: list[float] = [max(0, q) + max(0, u) for q, u in zip(queued, uncached, strict=True)]
+        plain = kvmul_scores(queued, uncached, view.batch)
+        choice, tie = pick_lowest(plain, queued, rotation)
+        scores: list[float] = list(plain)
+        reason = None
+        if speed_spread(view):
+            us = view.prefill_us_per_token
+            scores = [p * u * (b + 1) for p, u, b in zip(prefill, us, view.batch, strict=True)]
+            reason = "speed_spread"
+        if saturated(view, choice) or (reason and saturated(view, pick_lowest(scores, queued, rotation)[0])):
+            free = {r for r in range(len(scores)) if not saturated(view, r)}
+            if free:
+                scores = [s if r in free else float("inf") for r, s in enumerate(scores)]
+                reason = "saturated"
+        if reason is None:
+            return choice, tie, list(plain)
+        guarded, tie = pick_lowest(scores, queued, rotation)
+        if guarded != choice:
+            self.trips[reason] += 1
+        return guarded, tie, scores

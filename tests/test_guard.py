@@ -1,0 +1,42 @@
+"""The guard over the product rule: silent when no condition holds, and each detector's mitigation."""
+
+from sglang_kvmul.policies import RankView, rule_by_name
+
+
+def view(cached, running=(0, 0), kv=(0, 0), max_running=(), max_kv=(), speed=(), prompt=1000):
+    n = len(cached)
+    return RankView(
+        prompt, list(cached), [0] * n, list(running), [0] * n, list(kv), 1, list(max_running), list(max_kv), list(speed)
+    )
+
+
+def test_without_a_condition_the_guard_is_the_product_rule():
+    guard, plain = rule_by_name("kvmul_guard"), rule_by_name("kvmul")
+    for v in (
+        view((900, 0), running=(3, 0)),
+        view((900, 0), running=(10, 0), max_running=(256, 256), max_kv=(10**6, 10**6)),
+        view((0, 500), running=(1, 4), speed=(10.0, 11.0)),  # within the noise threshold
+    ):
+        assert guard(v, 0)[0] == plain(v, 0)[0]
+    assert not guard.trips
+
+
+def test_a_saturated_choice_goes_to_a_rank_that_can_start_the_request():
+    guard = rule_by_name("kvmul_guard")
+    at_cap = view((999, 0), running=(8, 0), max_running=(8, 8))  # product: 1*9 < 1000*1, but rank 0 is full
+    assert rule_by_name("kvmul")(at_cap, 0)[0] == 0 and guard(at_cap, 0)[0] == 1
+    no_kv = view((999, 0), running=(1, 0), kv=(9990, 0), max_kv=(10_000, 10_000))  # 9990 + 1 > 10000? no
+    assert guard(no_kv, 0)[0] == 0
+    no_kv = view((900, 0), running=(1, 0), kv=(9950, 0), max_kv=(10_000, 10_000))  # 9950 + 100 > 10000
+    assert guard(no_kv, 0)[0] == 1
+    everyone_full = view((999, 0), running=(8, 8), max_running=(8, 8))  # nowhere better: the product decides
+    assert guard(everyone_full, 0)[0] == 0
+    assert guard.trips["saturated"] == 2
+
+
+def test_a_speed_spread_counts_prefill_in_measured_time():
+    guard = rule_by_name("kvmul_guard")
+    # product in tokens: 600*1 vs 1000*1 -> rank 0; rank 0 is 3x slower per token: 1800 vs 1000 -> rank 1
+    slow = view((400, 0), speed=(30.0, 10.0))
+    assert rule_by_name("kvmul")(slow, 0)[0] == 0 and guard(slow, 0)[0] == 1
+    assert guard.trips["speed_spread"] == 1
