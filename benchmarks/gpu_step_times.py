@@ -165,8 +165,16 @@ def measure(shape: Shape, prefill: list[tuple[int, int]], decode: list[tuple[int
 
         sec = _time(step, reps)
         head_s = _time(lambda x0=x0: x0[-1:] @ head.t(), reps)
-        rows.append({"kind": "prefill", "new_tokens": t, "cached": c, "layers_s": sec, "head_s": head_s,
-                     "step_s": sec * shape.layers / LAYERS_HELD + head_s})
+        rows.append(
+            {
+                "kind": "prefill",
+                "new_tokens": t,
+                "cached": c,
+                "layers_s": sec,
+                "head_s": head_s,
+                "step_s": sec * shape.layers / LAYERS_HELD + head_s,
+            }
+        )
         print(f"{shape.name} prefill T={t} C={c}: {rows[-1]['step_s'] * 1e3:.2f} ms", flush=True)
         del kv
     for b, ctx in decode:
@@ -186,8 +194,16 @@ def measure(shape: Shape, prefill: list[tuple[int, int]], decode: list[tuple[int
             step()
         sec = _time(graph.replay, reps)
         head_s = _time(lambda x0=x0, out=out: torch.matmul(x0, head.t(), out=out), reps)
-        rows.append({"kind": "decode", "batch": b, "context": ctx, "layers_s": sec, "head_s": head_s,
-                     "step_s": sec * shape.layers / LAYERS_HELD + head_s})
+        rows.append(
+            {
+                "kind": "decode",
+                "batch": b,
+                "context": ctx,
+                "layers_s": sec,
+                "head_s": head_s,
+                "step_s": sec * shape.layers / LAYERS_HELD + head_s,
+            }
+        )
         print(f"{shape.name} decode B={b} L={ctx}: {rows[-1]['step_s'] * 1e3:.2f} ms", flush=True)
         del graph, kv
         torch.cuda.empty_cache()
