@@ -51,39 +51,42 @@ class Simulation:
         if snapshot:
             self._push(now + self.cfg.event_delay_s, "snapshot", (rank.rank, LoadSnapshotView(**rank.snapshot(now))))
 
-    def _kick(self, rank: SimRank, now: float, horizon: float) -> None:
-        end = rank.start_step(now, horizon if self.cfg.fuse_decode else now)
+    def _kick(self, rank: SimRank, now: float) -> None:
+        end = rank.start_step(now, float("inf") if self.cfg.fuse_decode else now)
         if end is not None:
-            self._push(end, "step", rank)
+            self._push(end, "step", (rank, rank.version))
         if rank.cache.events:  # admission evicted pages
             self._publish(rank, now, snapshot=False)
 
     def run(self, workload: Sequence[TraceRequest]) -> list[SimRequest]:
         reqs = [SimRequest(i, w.arrival, tuple(w.input_ids), max(1, w.output_len)) for i, w in enumerate(workload)]
         arrivals = sorted(reqs, key=lambda r: r.arrival)
-        nxt, heap, inf = 0, self._heap, float("inf")
+        nxt, heap = 0, self._heap
         while heap or nxt < len(arrivals):
             # an arrival goes before any other event at the same instant
             if nxt < len(arrivals) and (not heap or arrivals[nxt].arrival <= heap[0][0]):
                 req = arrivals[nxt]
                 nxt += 1
                 now = req.arrival
-                horizon = arrivals[nxt].arrival if nxt < len(arrivals) else inf
                 d = self.router.route(req.tokens, len(req.tokens) - 1, now)
                 req.rank, req.predicted_cached = d.rank, d.predicted_cached
                 rank = self.ranks[d.rank]
                 rank.waiting.append(req)
-                self._kick(rank, now, horizon)
+                end = rank.interrupt(now)
+                if end is not None:
+                    self._push(end, "step", (rank, rank.version))
+                self._kick(rank, now)
                 continue
-            horizon = arrivals[nxt].arrival if nxt < len(arrivals) else inf
             now, _, kind, payload = heapq.heappop(heap)
             if kind == "step":
+                rank, version = payload
+                if version != rank.version:
+                    continue  # a decode block that an arrival cut short: its new end is queued
                 self.step_events += 1
-                rank = payload
                 decoded, before = rank.decoding, rank.steps
                 rank.steps += rank.block_steps if decoded else 1
                 rank.finish_step(now)
-                self._kick(rank, now, horizon)
+                self._kick(rank, now)
                 # SGLang publishes a load snapshot after each prefill batch, every few decode
                 # batches, and when idle
                 busy = rank.busy_until is not None

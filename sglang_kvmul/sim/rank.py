@@ -2,7 +2,7 @@
 
 FCFS waiting queue; a step is either a prefill batch (SGLang's default: it stalls decoding, no mixed
 chunks) or one decode token for every running request. Runs of decode steps that nothing can
-interrupt (no request finishes, no request arrives anywhere: the caller's `horizon`) are taken as
+interrupt (no request finishes; a request routed here cuts the block with `interrupt`) are taken as
 one block, step times summed exactly: the same timeline as stepping one by one, many fewer events. A
 prefill batch takes waiting requests in order while their uncached tokens fit the chunked-prefill
 budget (the first one may be cut into chunks across steps), the running cap allows, and the KV pool
@@ -67,6 +67,8 @@ class SimRank:
         self.prefill_busy_s = 0.0  # cumulative prefill step time (SGLang's total_prefill_busy_us)
         self.context = 0  # prompt + generated tokens of the running requests
         self.block_steps = 0  # decode steps in the block in flight
+        self.block_start = 0.0
+        self.version = 0  # bumped when the block in flight is cut short (its old end is void)
 
     # ---- admission --------------------------------------------------------------------------
     def _limit(self, req: SimRequest) -> int:
@@ -96,7 +98,8 @@ class SimRank:
     # ---- steps -------------------------------------------------------------------------------
     def start_step(self, now: float, horizon: float = float("inf")) -> float | None:
         """Begin the next step if idle; returns its end time, or None when there is nothing to do.
-        A decode block runs until a request finishes or a step ends at or after `horizon`."""
+        A decode block runs until a request finishes or a step ends at or after `horizon`
+        (`interrupt` cuts it shorter when a request arrives)."""
         if self.busy_until is not None:
             return None
         budget = self.cfg.chunk_tokens
@@ -135,9 +138,26 @@ class SimRank:
                 k += 1
                 if k >= last or t >= horizon:
                     break
-            self.block_steps = k
+            self.block_steps, self.block_start = k, now
             self.busy_until = t
         return self.busy_until
+
+    def interrupt(self, now: float) -> float | None:
+        """A request arrived at `now`: end the decode block in flight at the first step boundary at
+        or after `now` (where stepping one by one would next look at the queue). Returns the new
+        end if it moved (the old one is void: `version` changed), else None."""
+        if not self.decoding or self.busy_until is None or self.block_steps <= 1:
+            return None
+        b, ctx, t, k = len(self.running), self.context, self.block_start, 0
+        while t < now:
+            t += self.cost.decode_s(b, ctx)
+            ctx += b
+            k += 1
+        if k >= self.block_steps:
+            return None  # `now` falls in the block's last step
+        self.block_steps, self.busy_until = k, t
+        self.version += 1
+        return t
 
     def finish_step(self, now: float) -> list[SimRequest]:
         """Apply the step that ends now; returns the requests that finished."""
