@@ -1,5 +1,10 @@
 """The event loop: arrivals routed by the production router, ranks stepping, events and load snapshots
-reaching the router after a configurable delay (SGLang publishes them over ZMQ)."""
+reaching the router after a configurable delay (SGLang publishes them over ZMQ).
+
+A rank's uninterrupted decode steps run as one block (see `rank.py`); the one thing the router
+sees differently is that a block publishes its snapshot at its end, not every 8th step, so between
+finishes a rank's reported KV tokens lag by the tokens decoded since (running and waiting counts
+and queued prefill do not change inside a block)."""
 
 from __future__ import annotations
 
