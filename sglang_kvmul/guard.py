@@ -48,28 +48,30 @@ class GuardedKvmul:
     """The kvmul rule behind the two detectors above; `trips` counts the decisions they changed."""
 
     __name__ = "kvmul_guard"
+    reads_capacity = True  # the router fills RankView's capacity and speed fields for this rule only
 
     def __init__(self) -> None:
         self.trips: Counter[str] = Counter()
 
     def __call__(self, view: RankView, rotation: int) -> tuple[int, bool, list[float]]:
-        queued, uncached = list(view.queued), view.uncached
-        prefill: list[float] = [max(0, q) + max(0, u) for q, u in zip(queued, uncached, strict=True)]
-        plain = kvmul_scores(queued, uncached, view.batch)
+        queued, uncached, batch = list(view.queued), view.uncached, view.batch
+        plain = kvmul_scores(queued, uncached, batch)
         choice, tie = pick_lowest(plain, queued, rotation)
         scores: list[float] = list(plain)
-        reason = None
+        reason, candidate = None, choice
         if speed_spread(view):
             us = view.prefill_us_per_token
-            scores = [p * u * (b + 1) for p, u, b in zip(prefill, us, view.batch, strict=True)]
-            reason = "speed_spread"
-        if saturated(view, choice) or (reason and saturated(view, pick_lowest(scores, queued, rotation)[0])):
+            scores = [
+                (max(0, q) + max(0, u)) * t * (b + 1) for q, u, t, b in zip(queued, uncached, us, batch, strict=True)
+            ]
+            reason, candidate = "speed_spread", pick_lowest(scores, queued, rotation)[0]
+        if saturated(view, candidate):
             free = {r for r in range(len(scores)) if not saturated(view, r)}
             if free:
                 scores = [s if r in free else float("inf") for r, s in enumerate(scores)]
                 reason = "saturated"
         if reason is None:
-            return choice, tie, list(plain)
+            return choice, tie, scores
         guarded, tie = pick_lowest(scores, queued, rotation)
         if guarded != choice:
             self.trips[reason] += 1

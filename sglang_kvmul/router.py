@@ -120,10 +120,11 @@ class KvmulRouter:
             waiting=[ld.waiting for ld in loads],
             kv_tokens=[ld.kv_tokens for ld in loads],
             page_size=self.page_size,
-            max_running=[ld.max_running for ld in loads],
-            max_kv_tokens=[ld.max_kv_tokens for ld in loads],
-            prefill_us_per_token=[ld.prefill_us_per_token for ld in loads],
         )
+        if getattr(self.rule, "reads_capacity", False):  # only the guard; kept off every other decision
+            view.max_running = [ld.max_running for ld in loads]
+            view.max_kv_tokens = [ld.max_kv_tokens for ld in loads]
+            view.prefill_us_per_token = [ld.prefill_us_per_token for ld in loads]
         rank, tie, scores = self.rule(view, self._rotation)
         return Decision(rank, n, root, cached, from_pending, list(view.queued), view.batch, scores, tie)
 

@@ -40,3 +40,21 @@ def test_a_speed_spread_counts_prefill_in_measured_time():
     slow = view((400, 0), speed=(30.0, 10.0))
     assert rule_by_name("kvmul")(slow, 0)[0] == 0 and guard(slow, 0)[0] == 1
     assert guard.trips["speed_spread"] == 1
+
+
+def test_the_router_gives_the_guard_the_capacity_sglang_reports():
+    """Through KvmulRouter: rank 0 caches the prompt but reported itself at its running cap."""
+    from sglang_kvmul.load_ledger import LoadSnapshotView
+    from sglang_kvmul.router import KvmulRouter
+    from sglang_kvmul.sim.prefix_cache import SimPrefixCache
+
+    prompt = list(range(3, 67))
+    cache = SimPrefixCache(16, 100)
+    cache.insert(prompt, 0.0)
+    events = cache.take_events()
+    for rule, expected in (("kvmul", 0), ("kvmul_guard", 1)):
+        r = KvmulRouter(2, 16, rule=rule_by_name(rule))
+        r.apply_events(0, events)
+        snap = LoadSnapshotView(1.0, 2, 0, 0, 0, max_running_requests=2, max_total_num_tokens=10_000)
+        r.apply_snapshot(0, snap, 1.0)  # kvmul: 16 uncached * (2 + 1) = 48 < 64 * 1
+        assert r.decide(prompt, len(prompt) - 1).rank == expected, rule
