@@ -55,3 +55,26 @@ def test_fused_decode_blocks_give_the_step_by_step_timeline():
     assert runs[True][0] == runs[False][0]
     assert runs[True][1] == runs[False][1]  # the step counter counts every decode step
     assert runs[True][2] < runs[False][2] / 2  # ... in far fewer events
+
+
+def test_snapshot_running_totals_match_the_waiting_queue(monkeypatch):
+    """The waiting-queue totals a snapshot reports are kept incrementally (queues run to thousands);
+    they must equal a walk of the queue at every snapshot, chunked prompts and admission included."""
+    from sglang_kvmul.sim.rank import SimRank
+
+    original = SimRank.snapshot
+    checked = []
+
+    def checked_snapshot(self: SimRank, now: float) -> dict:
+        snap = original(self, now)
+        walk = sum(len(r.tokens) - r.cached - r.prefilled for r in self.waiting)
+        assert snap["num_waiting_uncached_tokens"] == walk
+        assert self.waiting_tokens == sum(len(r.tokens) for r in self.waiting)
+        checked.append(len(self.waiting))
+        return snap
+
+    monkeypatch.setattr(SimRank, "snapshot", checked_snapshot)
+    work = api(requests=300, system_prompts=6, system_len=300, question_len=80, output_len=6, rate=400.0, seed=7)
+    rank = RankConfig(page_size=4, kv_pages=400, chunk_tokens=128, max_running=8, decode_reserve_tokens=8)
+    Simulation(SimConfig(ranks=2, rank=rank, rule="round_robin")).run(work)
+    assert max(checked) > 20  # queues really built up

@@ -69,6 +69,15 @@ class SimRank:
         self.block_steps = 0  # decode steps in the block in flight
         self.block_start = 0.0
         self.version = 0  # bumped when the block in flight is cut short (its old end is void)
+        # running totals over the waiting queue: a snapshot must not walk a queue of thousands
+        self.waiting_tokens = 0  # prompt tokens
+        self.waiting_uncached = 0  # prompt tokens not cached and not prefilled yet
+
+    def enqueue(self, req: SimRequest) -> None:
+        """A routed request joins the back of the waiting queue."""
+        self.waiting.append(req)
+        self.waiting_tokens += len(req.tokens)
+        self.waiting_uncached += len(req.tokens) - req.cached - req.prefilled
 
     # ---- admission --------------------------------------------------------------------------
     def _limit(self, req: SimRequest) -> int:
@@ -91,6 +100,7 @@ class SimRank:
         self.cache.ref(path)
         req.path, req.admitted = path, True
         req.cached = len(path) * self.cfg.page_size
+        self.waiting_uncached -= req.cached  # only the queue head is admitted
         req.prompt_pages, req.decode_pages = prompt_pages, decode_pages
         self.reserved_pages += prompt_pages + decode_pages
         return True
@@ -122,6 +132,8 @@ class SimRank:
             if take < todo:
                 break  # chunked: the rest of this prompt goes in the next step
             self.waiting.popleft()
+            self.waiting_tokens -= len(req.tokens)
+            self.waiting_uncached -= todo
         if batch:
             self.prefilling = batch
             self.decoding = False
@@ -175,6 +187,7 @@ class SimRank:
                 req.prefilled += req.chunk
                 self.prefilled_total += req.chunk
                 if req.cached + req.prefilled < len(req.tokens):
+                    self.waiting_uncached -= req.chunk
                     continue  # a chunk of a longer prompt: the request stays at the queue head
                 path = self.cache.insert(req.tokens, now)
                 self.cache.ref(path)
@@ -203,7 +216,7 @@ class SimRank:
             "timestamp": now,
             "num_running_reqs": len(self.running),
             "num_waiting_reqs": len(self.waiting),
-            "num_waiting_uncached_tokens": sum(len(r.tokens) - r.cached - r.prefilled for r in self.waiting),
+            "num_waiting_uncached_tokens": self.waiting_uncached,
             "total_prefill_uncached_tokens": self.prefilled_total,
             "total_prefill_busy_us": round(self.prefill_busy_s * 1e6),
             "max_running_requests": self.cfg.max_running,
@@ -211,5 +224,5 @@ class SimRank:
             # SGLang: KV used by requests + pending seqlens (the evictable cache is not counted)
             "num_total_tokens": self.context
             + sum(len(r.tokens) for r in self.prefilling)
-            + sum(len(r.tokens) for r in self.waiting),
+            + self.waiting_tokens,
         }
