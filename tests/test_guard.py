@@ -3,10 +3,11 @@
 from sglang_kvmul.policies import RankView, rule_by_name
 
 
-def view(cached, running=(0, 0), kv=(0, 0), max_running=(), max_kv=(), speed=(), prompt=1000):
+def view(cached, running=(0, 0), kv=(0, 0), max_running=(), max_kv=(), speed=(), prompt=1000, queued=None):
     n = len(cached)
+    queued = [0] * n if queued is None else list(queued)
     return RankView(
-        prompt, list(cached), [0] * n, list(running), [0] * n, list(kv), 1, list(max_running), list(max_kv), list(speed)
+        prompt, list(cached), queued, list(running), [0] * n, list(kv), 1, list(max_running), list(max_kv), list(speed)
     )
 
 
@@ -40,6 +41,22 @@ def test_a_speed_spread_counts_prefill_in_measured_time():
     slow = view((400, 0), speed=(30.0, 10.0))
     assert rule_by_name("kvmul")(slow, 0)[0] == 0 and guard(slow, 0)[0] == 1
     assert guard.trips["speed_spread"] == 1
+
+
+def test_a_backlogged_cluster_keeps_a_request_where_its_prefix_is_cached():
+    guard, plain = rule_by_name("kvmul_guard"), rule_by_name("kvmul")
+    # product: (500 + 200) * 9 = 6300 vs (400 + 1000) * 4 = 5600 -> rank 1, re-prefilling 800 cached tokens
+    busy = view((800, 0), running=(8, 3), queued=(500, 400))
+    assert plain(busy, 0)[0] == 1 and guard(busy, 0)[0] == 0
+    assert guard.trips["backlogged"] == 1
+    idle = view((800, 0), running=(8, 3), queued=(500, 0))  # rank 1 has nothing queued: the product moves it
+    assert guard(idle, 0)[0] == plain(idle, 0)[0] == 1
+    nothing_cached = view((0, 0), running=(8, 3), queued=(500, 400))
+    assert guard(nothing_cached, 0)[0] == plain(nothing_cached, 0)[0] == 1
+    # capacity beats affinity: the caching rank is at its running cap
+    capped = view((800, 0), running=(8, 3), queued=(500, 400), max_running=(8, 8))
+    assert guard(capped, 0)[0] == 1
+    assert guard.trips["backlogged"] == 1 and guard.trips["saturated"] == 0  # the product chose 1 anyway
 
 
 def test_the_router_gives_the_guard_the_capacity_sglang_reports():
