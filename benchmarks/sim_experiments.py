@@ -40,7 +40,7 @@ LINEAR = ["linear:0.1", "linear:0.25", "linear:0.5", "linear:0.75", "linear:0.9"
 # balancer, Dynamo's cost, the SGLang gateway's cache_aware, pure affinity, the linear sweep, kvmul
 ALL_RULES = [
     "round_robin", "load_only", "total_tokens", "vllm_v1", "dynamo", "sglang_cache_aware", "cache_only",
-    *LINEAR, "kvmul",
+    *LINEAR, "kvmul", "kvmul_guard",
 ]  # fmt: skip
 LABELS = {"load_only": "load_only (SGLang total_requests)"}
 
@@ -129,14 +129,17 @@ HEADER = [
 
 
 def versus(rows: list[dict]) -> list[str]:
-    """kvmul against vLLM-v1's balancer and the best linear alpha (the paper's two headline baselines)."""
+    """kvmul (and kvmul_guard) against vLLM-v1's balancer and the best linear alpha (the paper's two
+    headline baselines)."""
     by = {r["rule"]: r for r in rows}
-    k, v, lin = by["kvmul"], by.get("vllm_v1"), best_linear(rows)
-    out = ["| kvmul vs | TTFT mean | TTFT P99 | TPOT mean | TPOT P99 |", "|---|---|---|---|---|"]
-    for name, b in (("vllm_v1", v), (f"best linear ({lin['rule']})", lin)):
-        if b is not None:
-            cells = [reduction(k[m], b[m]) for m in ("ttft_mean_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p99_ms")]
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
+    v, lin = by.get("vllm_v1"), best_linear(rows)
+    out = ["| rule vs baseline | TTFT mean | TTFT P99 | TPOT mean | TPOT P99 |", "|---|---|---|---|---|"]
+    for ours in ("kvmul", "kvmul_guard"):
+        for name, b in (("vllm_v1", v), (f"best linear ({lin['rule']})", lin)):
+            if ours in by and b is not None:
+                k = by[ours]
+                cells = [reduction(k[m], b[m]) for m in ("ttft_mean_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p99_ms")]
+                out.append(f"| {ours} vs {name} | " + " | ".join(cells) + " |")
     out.append("| paper (16 GPUs, vLLM-v1 / tuned production linear) | -92% / -52% |  | -21% / -20% |  |")
     return out
 
@@ -177,7 +180,7 @@ def cmd_table(args: argparse.Namespace) -> None:
         edges = np.logspace(-1, 5, 61)
         for r in sub:
             cdf = np.cumsum(r["ttft_hist"]) / r["requests"]
-            ax.plot(edges[1:], cdf, lw=2.5 if r["rule"] == "kvmul" else 1.0, label=r["rule"])
+            ax.plot(edges[1:], cdf, label=r["rule"], **_style(r["rule"]))
         ax.set_xscale("log")
         ax.set_xlabel("TTFT (ms)")
         ax.set_ylabel("CDF")
@@ -188,14 +191,18 @@ def cmd_table(args: argparse.Namespace) -> None:
     _save(args.name, vars(args), rows, md)
 
 
+def _style(rule: str) -> dict:
+    """Our two rules stand out: kvmul thick, kvmul_guard thick and dashed."""
+    return {"lw": 2.5, "ls": "--" if rule == "kvmul_guard" else "-"} if rule.startswith("kvmul") else {"lw": 1.0}
+
+
 def _sweep_plot(rows: list[dict], x: str, xlabel: str, path: Path, title: str) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for rule in sorted({r["rule"] for r in rows}):
         pts = sorted((r[x], r["ttft_mean_ms"], r["tpot_mean_ms"]) for r in rows if r["rule"] == rule)
-        lw = 2.5 if rule == "kvmul" else 1.0
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=lw, label=rule)
-        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", lw=lw, label=rule)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=rule, **_style(rule))
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=rule, **_style(rule))
     for ax, what in zip(axes, ("mean TTFT (ms)", "mean TPOT (ms)"), strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(what)
@@ -310,9 +317,9 @@ def main() -> None:
         "table": (cmd_table, ",".join(ALL_RULES)),
         "load-sweep": (
             cmd_load_sweep,
-            "round_robin,vllm_v1,dynamo,sglang_cache_aware,linear:0.25,linear:0.5,linear:0.75,kvmul",
+            "round_robin,vllm_v1,dynamo,sglang_cache_aware,linear:0.25,linear:0.5,linear:0.75,kvmul,kvmul_guard",
         ),
-        "scale": (cmd_scale, "vllm_v1,linear:0.5,linear:0.75,kvmul"),
+        "scale": (cmd_scale, "vllm_v1,sglang_cache_aware,linear:0.25,linear:0.5,kvmul,kvmul_guard"),
         "stress": (cmd_stress, "vllm_v1,linear:0.1,linear:0.25,linear:0.5,linear:0.75,linear:0.9,kvmul,kvmul_guard"),
     }
     for name, (fn, rules) in commands.items():
@@ -326,7 +333,7 @@ def main() -> None:
     sub.choices["table"].add_argument("--workloads", default=",".join(WORKLOADS))
     sub.choices["load-sweep"].add_argument("--compressions", default="4,8,12,16", help="of the whole trace")
     sub.choices["scale"].add_argument("--ranks", default="4,16,64")
-    sub.choices["scale"].add_argument("--compression", type=float, default=12.0)
+    sub.choices["scale"].add_argument("--compression", type=float, default=8.0, help="at 16 ranks (the table's)")
     sub.choices["stress"].add_argument("--cases", default=",".join(STRESS))
     args = ap.parse_args()
     fn = args.fn

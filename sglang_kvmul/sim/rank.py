@@ -222,7 +222,5 @@ class SimRank:
             "max_running_requests": self.cfg.max_running,
             "max_total_num_tokens": self.cfg.kv_pages * self.cfg.page_size,
             # SGLang: KV used by requests + pending seqlens (the evictable cache is not counted)
-            "num_total_tokens": self.context
-            + sum(len(r.tokens) for r in self.prefilling)
-            + self.waiting_tokens,
+            "num_total_tokens": self.context + sum(len(r.tokens) for r in self.prefilling) + self.waiting_tokens,
         }
