@@ -59,17 +59,23 @@ def test_fused_decode_blocks_give_the_step_by_step_timeline():
 
 def test_snapshot_running_totals_match_the_waiting_queue(monkeypatch):
     """The waiting-queue totals a snapshot reports are kept incrementally (queues run to thousands);
-    they must equal a walk of the queue at every snapshot, chunked prompts and admission included."""
+    they must equal a walk of the queue at every snapshot, chunked prompts and admission included.
+    The KV-in-use figure counts each page live requests hold once, as SGLang's pool does."""
     from sglang_kvmul.sim.rank import SimRank
 
     original = SimRank.snapshot
-    checked = []
+    checked, shared = [], []
 
     def checked_snapshot(self: SimRank, now: float) -> dict:
         snap = original(self, now)
         walk = sum(len(r.tokens) - r.cached - r.prefilled for r in self.waiting)
         assert snap["num_waiting_uncached_tokens"] == walk
         assert self.waiting_tokens == sum(len(r.tokens) for r in self.waiting)
+        # KV in use counts a shared prefix once: the distinct pages that live requests hold
+        live = [r for r in (*self.running, *self.prefilling, *self.waiting) if r.admitted]
+        held = {id(page) for r in live for page in r.path}
+        assert self.cache.locked_pages == len(held)
+        shared.append(sum(len(r.path) for r in self.running) - len({id(p) for r in self.running for p in r.path}))
         checked.append(len(self.waiting))
         return snap
 
@@ -78,3 +84,4 @@ def test_snapshot_running_totals_match_the_waiting_queue(monkeypatch):
     rank = RankConfig(page_size=4, kv_pages=400, chunk_tokens=128, max_running=8, decode_reserve_tokens=8)
     Simulation(SimConfig(ranks=2, rank=rank, rule="round_robin")).run(work)
     assert max(checked) > 20  # queues really built up
+    assert max(shared) > 100  # running requests really shared prefix pages

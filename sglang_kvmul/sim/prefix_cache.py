@@ -55,6 +55,7 @@ class SimPrefixCache:
         self.roots: dict[tuple[int, ...], Page] = {}
         self.num_pages = 0
         self.evicted_pages = 0
+        self.locked_pages = 0  # pages some request references: not evictable (SGLang's protected size)
         self.events: list[object] = []
         self._lru: list[tuple[float, int, Page]] = []  # candidate leaves, validated when popped
         self._seq = 0
@@ -79,11 +80,15 @@ class SimPrefixCache:
 
     def ref(self, path: Sequence[Page]) -> None:
         for page in path:
+            if not page.refs:
+                self.locked_pages += 1
             page.refs += 1
 
     def unref(self, path: Sequence[Page], now: float) -> None:
         for page in path:
             page.refs -= 1
+            if not page.refs:
+                self.locked_pages -= 1
             page.last_used = now
         if path:
             self._candidate(path[-1])

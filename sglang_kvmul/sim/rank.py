@@ -66,6 +66,7 @@ class SimRank:
         self.reserved_pages = 0
         self.prefill_busy_s = 0.0  # cumulative prefill step time (SGLang's total_prefill_busy_us)
         self.context = 0  # prompt + generated tokens of the running requests
+        self.decoded = 0  # generated tokens of the running requests (their KV is outside the cache)
         self.block_steps = 0  # decode steps in the block in flight
         self.block_start = 0.0
         self.version = 0  # bumped when the block in flight is cut short (its old end is void)
@@ -180,6 +181,7 @@ class SimRank:
             for req in self.running:
                 req.generated += k
             self.context += k * len(self.running)
+            self.decoded += k * len(self.running)
             done = [r for r in self.running if r.generated >= r.output_len]
             self.running = [r for r in self.running if r.generated < r.output_len]
         else:
@@ -201,11 +203,13 @@ class SimRank:
                 else:
                     self.running.append(req)
                     self.context += len(req.tokens) + req.generated
+                    self.decoded += req.generated
             self.prefilling = []
         for req in done:
             req.finish = now
             if self.decoding:
                 self.context -= len(req.tokens) + req.generated
+                self.decoded -= req.generated
             self.cache.unref(req.path, now)
             self.reserved_pages -= req.decode_pages
         return done
@@ -221,6 +225,10 @@ class SimRank:
             "total_prefill_busy_us": round(self.prefill_busy_s * 1e6),
             "max_running_requests": self.cfg.max_running,
             "max_total_num_tokens": self.cfg.kv_pages * self.cfg.page_size,
-            # SGLang: KV used by requests + pending seqlens (the evictable cache is not counted)
-            "num_total_tokens": self.context + sum(len(r.tokens) for r in self.prefilling) + self.waiting_tokens,
+            # SGLang: KV in use (pool minus free minus evictable: a prefix that running requests
+            # share counts once) plus the waiting requests' whole seqlens
+            "num_total_tokens": self.cache.locked_pages * self.cfg.page_size
+            + self.decoded
+            + sum(r.prefilled + r.chunk for r in self.prefilling)
+            + self.waiting_tokens,
         }
