@@ -137,6 +137,12 @@ class Layer:
         return x + self.mlp(F.rms_norm(x, (s.hidden,), self.norm))
 
 
+def _row(shape: Shape, kind: str, layers_s: float, head_s: float, **point: int) -> dict:
+    """One measured step: the held layers scaled to the whole model, plus the LM head."""
+    step_s = layers_s * shape.layers / LAYERS_HELD + head_s
+    return {"kind": kind, **point, "layers_s": layers_s, "head_s": head_s, "step_s": step_s}
+
+
 def _time(fn, reps: int) -> float:
     for _ in range(2):
         fn()
@@ -165,16 +171,7 @@ def measure(shape: Shape, prefill: list[tuple[int, int]], decode: list[tuple[int
 
         sec = _time(step, reps)
         head_s = _time(lambda x0=x0: x0[-1:] @ head.t(), reps)
-        rows.append(
-            {
-                "kind": "prefill",
-                "new_tokens": t,
-                "cached": c,
-                "layers_s": sec,
-                "head_s": head_s,
-                "step_s": sec * shape.layers / LAYERS_HELD + head_s,
-            }
-        )
+        rows.append(_row(shape, "prefill", sec, head_s, new_tokens=t, cached=c))
         print(f"{shape.name} prefill T={t} C={c}: {rows[-1]['step_s'] * 1e3:.2f} ms", flush=True)
         del kv
     for b, ctx in decode:
@@ -194,16 +191,7 @@ def measure(shape: Shape, prefill: list[tuple[int, int]], decode: list[tuple[int
             step()
         sec = _time(graph.replay, reps)
         head_s = _time(lambda x0=x0, out=out: torch.matmul(x0, head.t(), out=out), reps)
-        rows.append(
-            {
-                "kind": "decode",
-                "batch": b,
-                "context": ctx,
-                "layers_s": sec,
-                "head_s": head_s,
-                "step_s": sec * shape.layers / LAYERS_HELD + head_s,
-            }
-        )
+        rows.append(_row(shape, "decode", sec, head_s, batch=b, context=ctx))
         print(f"{shape.name} decode B={b} L={ctx}: {rows[-1]['step_s'] * 1e3:.2f} ms", flush=True)
         del graph, kv
         torch.cuda.empty_cache()
