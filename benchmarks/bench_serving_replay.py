@@ -1,4 +1,4 @@
-"""Replay a `sglang_kvmul.workloads` request list with SGLang's own `bench_serving` client.
+"""Replay a `sglang_kvmul.sim.workloads` request list with SGLang's own `bench_serving` client.
 
 bench_serving has no input that sends pre-tokenized prompts at their own arrival times (its
 `mooncake` option rebuilds shorter text prompts), so this adds one dataset, `kvmul-trace`, to its
@@ -27,7 +27,7 @@ from sglang.benchmark import datasets as bench_datasets
 from sglang.benchmark import serving as bench_serving
 from sglang.benchmark.datasets.common import BaseDataset, DatasetRow
 
-from sglang_kvmul.workloads import TraceRequest
+from sglang_kvmul.sim.workloads import TraceRequest
 
 TRACE_DATASET = "kvmul-trace"
 

@@ -13,19 +13,17 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import requests
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import Request, replay, shared_prefix_workload
-from results_io import RESULTS, write_results
-
-from sglang_kvmul.local_server import cpu_server_args, running_server
-from sglang_kvmul.tiny_model import VOCAB, build
+from benchmarks.common import RESULTS, pyplot, write_results
+from benchmarks.loadgen import Request, replay, shared_prefix_workload
+from sglang_kvmul.harness.local_server import cpu_server_args, running_server
+from sglang_kvmul.harness.tiny_model import VOCAB, build
+from sglang_kvmul.serving.settings import KvmulSettings
 
 METHODS = ("kvmul", "round_robin")
 
@@ -85,7 +83,7 @@ def run_one(model: Path, method: str, reqs: list[Request], args: argparse.Namesp
     srv_args = ["--dp-size", "2", "--load-balance-method", method, *cpu_server_args(args.pool)]
     # Both methods get the same blocking controller loop (stock 0.5.23 spins a core, which on a
     # 2-core machine would slow round_robin's schedulers and not kvmul's): only routing differs.
-    env = {"SGLANG_KVMUL_DECISION_LOG": str(log), "SGLANG_KVMUL_POLL_ALL_METHODS": "1"}
+    env = KvmulSettings(decision_log=str(log), poll_all_methods=True).to_env()
     with running_server(model, srv_args, work / f"{tag}.server.log", env=env) as server:
         warm_up(server.url, args.prefix + args.suffix)
         t0 = time.time()
@@ -151,10 +149,7 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for m in METHODS:

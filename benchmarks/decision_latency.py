@@ -28,12 +28,12 @@ import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
-from results_io import RESULTS, write_results
-from sglang.srt.disaggregation.kv_events import BlockRemoved, BlockStored
 from tqdm import tqdm
 
-from sglang_kvmul.block_hash import first_page_hash
-from sglang_kvmul.router import KvmulRouter
+from benchmarks.common import RESULTS, pyplot, write_results
+from sglang_kvmul.core.block_hash import first_page_hash
+from sglang_kvmul.core.events import BlockRemoved, BlockStored
+from sglang_kvmul.core.router import KvmulRouter
 
 VOCAB = 32000
 HASH_MASK = (1 << 63) - 1
@@ -99,7 +99,7 @@ def leaf_removals(events: list[BlockStored], rng: random.Random, share: float) -
     parents = {e.parent_block_hash for e in events}
     leaves = [e for e in events if not any(h in parents for h in e.block_hashes)]
     picked = rng.sample(leaves, max(1, int(share * len(leaves))))
-    return [BlockRemoved(block_hashes=list(e.block_hashes), medium=None) for e in picked]
+    return [BlockRemoved(block_hashes=list(e.block_hashes)) for e in picked]
 
 
 def median_us(fn: Callable[[], object], repeats: int, warmup: int = 5) -> tuple[float, float]:
@@ -275,10 +275,7 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], ranks: list[int], path, ps: int, tokens: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, n_ranks in enumerate(ranks):

@@ -1,6 +1,6 @@
 """Does KV-event ingestion delay dispatch? Dispatch latency with and without events streaming.
 
-The controller's own loop (`dispatch_loop.DispatchLoop`, `apply_stream`, `RankEventStream`,
+The controller's own loop (`dispatch_loop.DispatchLoop`, `KvmulRouter.apply_update`, `RankEventStream`,
 `KvmulRouter`) runs here in one process. Separate processes play the rest, over loopback ZMQ:
   * per rank, SGLang's real `ZmqEventPublisher` streams BlockStored batches of conversation trees
     (as in decision_latency.py) at `--event-rate` tokens/s in total;
@@ -22,16 +22,19 @@ import time
 
 import numpy as np
 import zmq
-from decision_latency import VOCAB, rank_prompts, stored_events
-from results_io import RESULTS, write_results
 from tqdm import tqdm
 
-from sglang_kvmul.dispatch_loop import SLICE_BATCHES, DispatchLoop, apply_stream
-from sglang_kvmul.kv_events import RankEventStream
-from sglang_kvmul.ports import free_port_range
-from sglang_kvmul.router import KvmulRouter
+from benchmarks.common import RESULTS, pyplot, write_results
+from benchmarks.decision_latency import VOCAB, rank_prompts, stored_events
+from sglang_kvmul.core.router import KvmulRouter
+from sglang_kvmul.launch.ports import free_port_range
+from sglang_kvmul.serving.dispatch_loop import DispatchLoop
+from sglang_kvmul.serving.dispatcher import KvmulDispatcher
+from sglang_kvmul.serving.kv_events import RankEventStream
+from sglang_kvmul.serving.settings import KvmulSettings
 
 PAGE = 16
+SLICE = KvmulSettings().slice_batches
 
 
 def publisher(rank: int, port: int, replay_port: int, tokens_per_s: float, seconds: float, ready, go) -> None:
@@ -118,7 +121,8 @@ def run_phase(args: argparse.Namespace, events: bool, slice_batches: int | None,
             router.decide(prompt, limit=len(prompt) - 1)
             latencies.append((time.monotonic() - sent) * 1e6)
 
-    loop = DispatchLoop(pull, streams, drain_requests, lambda s, n: apply_stream(router, s, n), slice_batches)
+    ingest = KvmulDispatcher(router, [], None, streams).ingest  # the controller's own ingestion path
+    loop = DispatchLoop(pull, streams, drain_requests, ingest, slice_batches)
     gc_pauses: list[float] = []
     gc_start = [0.0]
 
@@ -170,7 +174,7 @@ def main() -> None:
     rng = np.random.default_rng(1)
     systems = [np.random.default_rng(7 + i).integers(0, VOCAB, 2048).tolist() for i in range(4)]
     prompts = [systems[i % 4] + rng.integers(0, VOCAB, 6144).tolist() for i in range(64)]
-    phases = [("no events", False, SLICE_BATCHES), ("events, bounded slices", True, SLICE_BATCHES),
+    phases = [("no events", False, SLICE), ("events, bounded slices", True, SLICE),
               ("events, whole backlog", True, None)]  # fmt: skip
     runs = []
     for label, events, slice_batches in tqdm(phases, desc="phases"):
@@ -195,10 +199,7 @@ def main() -> None:
     report = {"config": vars(args), "runs": [{k: v for k, v in r.items() if k != "samples"} for r in runs]}
     write_results(args.name, __doc__, report, "\n".join(lines))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in runs:

@@ -21,11 +21,14 @@ import time
 import aiohttp
 import numpy as np
 import requests
-from results_io import RESULTS
 from tqdm import tqdm
 
-from sglang_kvmul.local_server import cpu_server_args, running_server
-from sglang_kvmul.tiny_model import VOCAB, build
+from benchmarks.common import RESULTS, pyplot
+from sglang_kvmul.harness.local_server import cpu_server_args, running_server
+from sglang_kvmul.harness.tiny_model import VOCAB, build
+from sglang_kvmul.sim.cost import FITTED
+
+POOL = 16384  # KV tokens of the fitted server
 
 
 async def _one(session: aiohttp.ClientSession, url: str, ids: list[int], out: int) -> tuple[float, float]:
@@ -64,7 +67,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     prefill, decode = [], []
     log = RESULTS / "sim.work" / "cpu_cost_fit.server.log"  # (gitignored)
-    with running_server(model, cpu_server_args(16384), log) as srv:
+    with running_server(model, cpu_server_args(POOL), log) as srv:
         asyncio.run(_batch(srv.url, [rng.integers(3, VOCAB, 256).tolist()], 4))  # first-call costs
         for n in tqdm([int(x) for x in args.prompt_lens.split(",")] * args.repeats, desc="prefill"):
             requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
@@ -85,6 +88,9 @@ def main() -> None:
     }
     report = {"config": vars(args), "fit": fit, "prefill_samples": prefill, "decode_samples": decode}
     (work / "cpu_cost_fit.json").write_text(json.dumps(report, indent=1))
+    # the simulator's `cpu-bench` profile loads this (sim/cost.py): no copying of numbers by hand
+    profile = {"source": "benchmarks/fit_cpu_cost.py", "kv_tokens": POOL, "kv_dtype": "bf16", "fit": fit}
+    (FITTED / "cpu-bench.json").write_text(json.dumps(profile, indent=1))
     lines = [
         "# cpu_cost_fit\n", __doc__.strip(), "",
         "| term | fitted |", "|---|---|",
@@ -97,10 +103,7 @@ def main() -> None:
     (work / "cpu_cost_fit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(n, t, "o", label="measured")

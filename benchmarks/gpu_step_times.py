@@ -19,7 +19,8 @@ What one step is, per shape (Qwen2.5-7B dense, Qwen3-30B-A3B MoE):
 These are PyTorch's kernels, not SGLang's (FlashInfer/FA3, fused MoE Triton kernels): the factors
 fitted from them are for that kernel set, which the closing notes say.
 
-Writes JSON (one row per measured point) to the path given; `fit_gpu_cost.py` fits the factors.
+Writes JSON (one row per measured point) to the path given. No fitting script exists yet: fitting
+the roofline factors to these rows (and a GPU to measure them on) are still to come.
 """
 
 from __future__ import annotations

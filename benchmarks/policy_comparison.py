@@ -6,11 +6,11 @@ Every configuration serves the same two DP ranks of the built-in `bench` model (
   * SGLang's own DP methods as they are: round_robin, total_requests, total_tokens;
   * the real SGLang gateway (PyPI `sglang-router`, policy cache_aware, its default thresholds) in
     front of two dp=1 SGLang servers, one core each.
-Workloads (sglang_kvmul.workloads, shrunk by `token_scale` to fit two CPU cores): the real
+Workloads (sglang_kvmul.sim.workloads, shrunk by `token_scale` to fit two CPU cores): the real
 Mooncake conversation trace, agentic sessions shaped by TraceLab, API system prompts.
 Each configuration starts once, is warmed up (one request per rank, then the cache is flushed),
 and replays the workloads in turn with a cache flush between them. All DP-controller runs use the
-same blocking controller loop (`SGLANG_KVMUL_POLL_ALL_METHODS=1`; stock 0.5.23 spins a core).
+same blocking controller loop (`KvmulSettings.poll_all_methods`; stock 0.5.23 spins a core).
 Per-rank request split: SGLang's own per-rank `queue_time_seconds` counts (`--enable-metrics`);
 per-rank load over time: `/v1/loads` sampled every `--sample-s` seconds.
 
@@ -38,15 +38,14 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_serving_replay import replay, write_trace
-from results_io import RESULTS
+from benchmarks.bench_serving_replay import replay, write_trace
+from benchmarks.common import DEFAULT_TRACE, RESULTS, add_trace_arg, pyplot, stats, trace_path
+from sglang_kvmul.harness.local_server import LocalServer, cpu_server_args, start_server
+from sglang_kvmul.harness.tiny_model import VOCAB, build
+from sglang_kvmul.serving.settings import KvmulSettings
+from sglang_kvmul.sim import workloads
 
-from sglang_kvmul import workloads
-from sglang_kvmul.local_server import LocalServer, cpu_server_args, start_server
-from sglang_kvmul.tiny_model import VOCAB, build
-
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
+TRACE = DEFAULT_TRACE  # main() sets the --trace argument
 RULES = ("kvmul", "cache_only", "load_only", "vllm_v1", "dynamo", "sglang_cache_aware")
 STOCK = ("round_robin", "total_requests", "total_tokens")
 GATEWAY = "gateway_cache_aware"
@@ -55,7 +54,7 @@ HEADLINE = ("round_robin", "total_requests", GATEWAY)  # the issue's "kvmul must
 WORKLOADS: dict[str, Callable[[float], list[workloads.TraceRequest]]] = {
     # 0.6% of the conversations (whole ones), the hour compressed 150x: ~70 requests in ~23 s
     "mooncake": lambda s: workloads.mooncake(
-        TRACE, fraction=0.006, time_compression=150, token_scale=s / 2, output_scale=s / 4, vocab=VOCAB
+        trace_path(TRACE), fraction=0.006, time_compression=150, token_scale=s / 2, output_scale=s / 4, vocab=VOCAB
     ),
     # 6 sessions x 8 turns, 1.5 s tool pauses; histories grow to ~2.5k tokens
     "agentic": lambda s: workloads.agentic(
@@ -95,7 +94,7 @@ def deploy(cfg: Config, model: Path, pool: int, work: Path) -> Iterator[Deployme
     common = ["--enable-metrics", *cpu_server_args(pool)]
     with ExitStack() as stack:
         if cfg.kind == "dp":
-            env = {"SGLANG_KVMUL_POLL_ALL_METHODS": "1"}
+            env = KvmulSettings(poll_all_methods=True).to_env()
             srv = start_server(model, ["--dp-size", "2", *cfg.args, *common], work / f"{_slug(cfg.name)}.log", env=env)
             stack.callback(srv.stop)
             yield Deployment(srv.url, [srv])
@@ -213,8 +212,8 @@ def run_workload(
         "workload": wl,
         "completed": res["completed"],
         "errors": sum(1 for e in res["errors"] if e),
-        "ttft_ms": _stats(ttft),
-        "tpot_ms": _stats(tpot),
+        "ttft_ms": stats(ttft),
+        "tpot_ms": stats(tpot),
         "request_throughput": res["request_throughput"],
         "output_throughput": res["output_throughput"],
         "duration_s": res["duration"],
@@ -226,13 +225,6 @@ def run_workload(
         "tpot_samples": tpot,
         "loads": loads,
     }
-
-
-def _stats(xs: list[float]) -> dict:
-    if not xs:
-        return {"mean": None, "p50": None, "p99": None}
-    a = np.asarray(xs)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
 
 
 def _slug(name: str) -> str:
@@ -276,10 +268,7 @@ def verdict(runs: list[dict]) -> dict:
 
 
 def plot(runs: list[dict], out: Path, wl: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r["config"] for r in runs]
     style = {n: ("-" if n in ("kvmul", *HEADLINE) else ":") for n in names}
@@ -345,7 +334,7 @@ def pool(reps: list[dict]) -> list[dict]:
         out.append({
             "config": name, "reps": len(rs), "rep_mean_ttft_ms": [r["ttft_ms"]["mean"] for r in rs],
             "completed": sum(r["completed"] for r in rs), "errors": sum(r["errors"] for r in rs),
-            "ttft_ms": _stats(ttft), "tpot_ms": _stats(tpot),
+            "ttft_ms": stats(ttft), "tpot_ms": stats(tpot),
             "request_throughput": float(np.mean([r["request_throughput"] for r in rs])),
             "output_throughput": float(np.mean([r["output_throughput"] for r in rs])),
             "cached_tokens": cached, "prompt_tokens": prompt, "hit_ratio": cached / max(1, prompt),
@@ -405,6 +394,7 @@ def write_overview(verdicts: dict[str, dict], config: dict) -> None:
 # ---- main ----------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_trace_arg(ap)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--configs", default=None, help="comma-separated subset of configuration names")
     ap.add_argument("--alphas", default="0.25,0.5,0.75", help="linear sweep (weight on uncached tokens)")
@@ -416,6 +406,8 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="add these repetitions to the saved results")
     ap.add_argument("--render", action="store_true", help="only redraw tables/plots from saved summaries")
     args = ap.parse_args()
+    global TRACE
+    TRACE = args.trace
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: servers are stopped on the way out
     wls = args.workloads.split(",")
     if args.render:

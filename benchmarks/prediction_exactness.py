@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import Request, replay, shared_prefix_workload
-from results_io import RESULTS, write_results
-
-from sglang_kvmul.local_server import cpu_server_args, running_server
-from sglang_kvmul.tiny_model import VOCAB, build
+from benchmarks.common import RESULTS, write_results
+from benchmarks.loadgen import Request, replay, shared_prefix_workload
+from sglang_kvmul.harness.local_server import cpu_server_args, running_server
+from sglang_kvmul.harness.tiny_model import VOCAB, build
+from sglang_kvmul.serving.settings import KvmulSettings
 
 
 def reason(d: dict, reported_cached: int, reported_rank: int | None) -> str | None:
@@ -85,7 +82,9 @@ def main() -> None:
     log = work / "decisions.jsonl"
     log.unlink(missing_ok=True)
     srv_args = ["--dp-size", "2", "--page-size", str(args.page_size), *cpu_server_args(pool)]
-    with running_server(build("tiny"), srv_args, work / "server.log", env={"SGLANG_KVMUL_DECISION_LOG": str(log)}) as s:
+    with running_server(
+        build("tiny"), srv_args, work / "server.log", env=KvmulSettings(decision_log=str(log)).to_env()
+    ) as s:
         t0 = time.time()
         seq_rows = sequential(s.url, reqs, "seq")
         requests.post(s.url + "/flush_cache", timeout=60).raise_for_status()

@@ -5,9 +5,9 @@
   load-sweep  Mooncake at increasing time compression, the main rules -> sim_load_sweep.{json,md,png}
   scale       4 / 16 / 64 ranks at proportional load -> sim_scale.{json,md,png}
   stress      workloads built to break the product rule; kvmul, the linear sweep and kvmul_guard
-              (`sglang_kvmul.guard`) -> sim_stress.{json,md,png}
+              (`sglang_kvmul.core.guard`) -> sim_stress.{json,md,png}
 
-Every rule is the production one (`sglang_kvmul.policies` through `KvmulRouter`, fed the simulated
+Every rule is the production one (`sglang_kvmul.core.rules` through `KvmulRouter`, fed the simulated
 ranks' KV events and load snapshots). Step times come from a cost profile (`sim/cost.py`): the GPU
 profiles are rooflines whose efficiency factors are NOT measured (no GPU was lent; see
 `gpu_step_times.py`), so absolute numbers are indicative and the comparisons between rules are what
@@ -25,15 +25,15 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from results_io import RESULTS
 from tqdm import tqdm
 
-from sglang_kvmul import workloads
+from benchmarks.common import DEFAULT_TRACE, RESULTS, add_trace_arg, pyplot, stats, trace_path
+from sglang_kvmul.sim import workloads
 from sglang_kvmul.sim.cost import PROFILES
 from sglang_kvmul.sim.engine import SimConfig, Simulation
 from sglang_kvmul.sim.rank import RankConfig
 
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
+TRACE = DEFAULT_TRACE  # main() sets the --trace argument (the pool's forked workers inherit it)
 OUT = RESULTS / "sim"
 LINEAR = ["linear:0.1", "linear:0.25", "linear:0.5", "linear:0.75", "linear:0.9"]
 # stock SGLang (round_robin, total_requests = load_only with exact counts, total_tokens), vLLM v1's
@@ -69,7 +69,7 @@ def run(spec: dict) -> dict:
     rank = RankConfig(**spec.get("rank", {}))
     cfg = SimConfig(ranks=spec["ranks"], rank=rank, rule=spec["rule"])
     t0 = time.perf_counter()
-    sim = Simulation(cfg, PROFILES[spec["profile"]], speeds=spec.get("speeds"))
+    sim = Simulation(cfg, PROFILES[spec["profile"]].cost, speeds=spec.get("speeds"))
     reqs = sim.run(work)
     wall = time.perf_counter() - t0
     ttft = np.array([r.first_token - r.arrival for r in reqs]) * 1e3
@@ -80,11 +80,8 @@ def run(spec: dict) -> dict:
     return {
         **{k: v for k, v in spec.items() if k not in ("params",)},
         "requests": len(reqs),
-        "ttft_mean_ms": float(ttft.mean()),
-        "ttft_p50_ms": float(np.percentile(ttft, 50)),
-        "ttft_p99_ms": float(np.percentile(ttft, 99)),
-        "tpot_mean_ms": float(tpot.mean()),
-        "tpot_p99_ms": float(np.percentile(tpot, 99)),
+        **{f"ttft_{k}_ms": v for k, v in stats(ttft).items()},
+        **{f"tpot_{k}_ms": v for k, v in stats(tpot).items()},
         "hit_ratio": sum(r.cached for r in reqs) / sum(len(r.tokens) for r in reqs),
         "imbalance": float(work_per_rank.max() / max(1.0, work_per_rank.mean())),
         "guard_trips": dict(getattr(sim.router.rule, "trips", {})),
@@ -152,15 +149,6 @@ def _save(name: str, config: dict, rows: list[dict], md: list[str]) -> None:
     print(text)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def cmd_table(args: argparse.Namespace) -> None:
     names = args.workloads.split(",")
     specs = [
@@ -170,7 +158,7 @@ def cmd_table(args: argparse.Namespace) -> None:
     ]  # fmt: skip
     rows = run_all(specs, args.workers, "table")
     md = []
-    plt = _plt()
+    plt = pyplot()
     for w in names:
         sub = sorted((r for r in rows if r["workload"] == w), key=lambda r: r["ttft_mean_ms"])
         summary = workloads.summary(_workload(w, json.dumps(WORKLOADS[w], sort_keys=True)))
@@ -197,7 +185,7 @@ def _style(rule: str) -> dict:
 
 
 def _sweep_plot(rows: list[dict], x: str, xlabel: str, path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for rule in sorted({r["rule"] for r in rows}):
         pts = sorted((r[x], r["ttft_mean_ms"], r["tpot_mean_ms"]) for r in rows if r["rule"] == rule)
@@ -287,7 +275,7 @@ def cmd_stress(args: argparse.Namespace) -> None:
         md += [f"## {case}", "", f"`{json.dumps(STRESS[case])}`", ""] + HEADER + [_row_line(r) for r in sub]
         guarded = next(r for r in sub if r["rule"] == "kvmul_guard")
         md += ["", f"Guard trips (decisions the guard changed): {guarded['guard_trips']}", "", *versus(sub), ""]
-    plt = _plt()
+    plt = pyplot()
     cases = args.cases.split(",")
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / 3
@@ -327,15 +315,21 @@ def main() -> None:
         p.set_defaults(fn=fn)
         p.add_argument("--rules", default=rules)
         p.add_argument("--profile", default="h100-qwen2.5-7b", choices=sorted(PROFILES))
-        p.add_argument("--kv-tokens", type=int, default=1_000_000, help="KV pool per rank (7B on an 80 GB card)")
+        p.add_argument("--kv-tokens", type=int, default=None, help="KV pool per rank (default: the profile's)")
         p.add_argument("--workers", type=int, default=2)
         p.add_argument("--name", default=f"sim_{name.replace('-', '_')}")
+        add_trace_arg(p)
     sub.choices["table"].add_argument("--workloads", default=",".join(WORKLOADS))
     sub.choices["load-sweep"].add_argument("--compressions", default="4,8,12,16", help="of the whole trace")
     sub.choices["scale"].add_argument("--ranks", default="4,16,64")
     sub.choices["scale"].add_argument("--compression", type=float, default=8.0, help="at 16 ranks (the table's)")
     sub.choices["stress"].add_argument("--cases", default=",".join(STRESS))
     args = ap.parse_args()
+    if args.kv_tokens is None:
+        args.kv_tokens = PROFILES[args.profile].kv_tokens
+    global TRACE
+    if args.cmd in ("load-sweep", "scale") or "mooncake" in getattr(args, "workloads", ""):
+        TRACE = trace_path(args.trace)  # checked here: a pool worker cannot exit with the message
     fn = args.fn
     del args.fn
     fn(args)

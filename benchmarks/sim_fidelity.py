@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from policy_comparison import WORKLOADS, pool
-from results_io import RESULTS
 
+from benchmarks.common import RESULTS
+from benchmarks.policy_comparison import WORKLOADS, pool
 from sglang_kvmul.sim.cost import PROFILES
 from sglang_kvmul.sim.engine import SimConfig, Simulation
 from sglang_kvmul.sim.rank import RankConfig
@@ -39,7 +39,7 @@ def main() -> None:
         rank = RankConfig(page_size=1, kv_pages=run["pool"], chunk_tokens=4096, decode_reserve_tokens=64)
         simulated, ranks_used = {}, {}
         for rule in RULES:
-            reqs = Simulation(SimConfig(ranks=2, rank=rank, rule=rule), PROFILES["cpu-bench"]).run(work)
+            reqs = Simulation(SimConfig(ranks=2, rank=rank, rule=rule), PROFILES["cpu-bench"].cost).run(work)
             simulated[rule] = float(np.mean([r.first_token - r.arrival for r in reqs]) * 1e3)
             ranks_used[rule] = np.bincount([r.rank for r in reqs], minlength=2).tolist()
         m_ratio = measured["kvmul"] / measured["round_robin"]

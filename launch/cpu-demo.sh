@@ -3,7 +3,7 @@
 #   PORT=30000 launch/cpu-demo.sh [extra sglang flags]
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
-MODEL="${MODEL:-$(python -m sglang_kvmul.tiny_model tiny)}"
+MODEL="${MODEL:-$(python -m sglang_kvmul.harness.tiny_model tiny)}"
 run python -m sglang_kvmul.launch_server \
   --model-path "$MODEL" \
   --host "${HOST:-127.0.0.1}" --port "${PORT:-30000}" \

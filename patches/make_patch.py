@@ -1,8 +1,10 @@
 """Generate the upstream patch that adds `kvmul` as a native `--load-balance-method` to SGLang.
 
 The patch is made from this package's own sources, so it never drifts from them:
-  * the controller and everything below it (pure policy and mirror code, the event stream, the
-    metrics) are copied to `python/sglang/srt/managers/kvmul/`, imports rewritten;
+  * the controller module and every module of this package it imports, transitively (found by
+    reading the imports, so the layout decides: `core/`, the serving modules it uses, their
+    `__init__.py` files; not the plugin hook, the launcher, the demo or the CPU shims) are copied to
+    `python/sglang/srt/managers/kvmul/`, imports rewritten;
   * three upstream files get small edits: the CLI choice, the `LoadBalanceMethod` enum and the
     construction of the controller, and the load-snapshot ownership rule.
 The pristine upstream files are read from the installed SGLang and checked against the release
@@ -15,6 +17,7 @@ wheel's own RECORD hashes, so they are the bytes of the pinned release.
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import csv
 import difflib
@@ -30,24 +33,8 @@ VERSION = "0.5.23"
 PATCH = Path(__file__).resolve().parent / f"sglang-{VERSION}-kvmul.patch"
 TARGET_PKG = "sglang/srt/managers/kvmul"
 
-# The controller and what it imports; the launcher, plugin, demo and CPU shims are not needed upstream.
-MODULES = [
-    "__init__.py",
-    "policy.py",
-    "guard.py",
-    "policies.py",
-    "prefix.py",
-    "block_hash.py",
-    "radix_index.py",
-    "mirror.py",
-    "load_ledger.py",
-    "pending.py",
-    "router.py",
-    "kv_events.py",
-    "dispatch_loop.py",
-    "metrics.py",
-    "controller.py",
-]
+ENTRY = "serving/controller.py"  # what the patched-in controller class lives in
+
 
 # (upstream file, [(anchor, replacement)]): each anchor must occur exactly once.
 EDITS: dict[str, list[tuple[str, str]]] = {
@@ -80,7 +67,7 @@ EDITS: dict[str, list[tuple[str, str]]] = {
             "        controller = DataParallelController(\n",
             "        controller_cls = DataParallelController\n"
             '        if get_parallel().load_balance_method == "kvmul":\n'
-            "            from sglang.srt.managers.kvmul.controller import (\n"
+            "            from sglang.srt.managers.kvmul.serving.controller import (\n"
             "                KvmulDataParallelController as controller_cls,\n"
             "            )\n"
             "        controller = controller_cls(\n",
@@ -106,6 +93,44 @@ def pristine(relpath: str) -> str:
     if digest != expected:
         raise SystemExit(f"{relpath} differs from the sglang {VERSION} wheel (is the installed SGLang patched?)")
     return data.decode()
+
+
+def _own_imports(relpath: str) -> set[str]:
+    """This package's modules that `relpath` imports (module files, relative to the package)."""
+    found = set()
+    for node in ast.walk(ast.parse((PKG / relpath).read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            if name == "sglang_kvmul" or name.startswith("sglang_kvmul."):
+                parts = name.split(".")[1:]
+                for cand in ("/".join(parts) + ".py", "/".join([*parts, "__init__.py"])):
+                    if (PKG / cand).is_file():
+                        found.add(cand)
+    return found
+
+
+def modules() -> list[str]:
+    """ENTRY and its transitive imports within the package, with each package's __init__.py."""
+    todo, seen = [ENTRY], set()
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        todo += sorted(_own_imports(rel) - seen)
+        parent = Path(rel).parent
+        while True:
+            init = (parent / "__init__.py").as_posix()
+            if init not in seen:
+                todo.append(init)
+            if parent == Path("."):
+                break
+            parent = parent.parent
+    return sorted(seen, key=lambda m: (m.count("/"), m))
 
 
 def upstream_module(name: str) -> str:
@@ -135,7 +160,7 @@ def build_patch() -> str:
                 raise SystemExit(f"{path}: anchor found {new.count(anchor)} times: {anchor!r}")
             new = new.replace(anchor, replacement)
         parts.append(_diff(path, old, new))
-    for name in MODULES:
+    for name in modules():
         parts.append(_diff(f"{TARGET_PKG}/{name}", "", upstream_module(name)))
     return "".join(parts)
 

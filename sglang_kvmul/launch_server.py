@@ -1,64 +1,6 @@
-"""`python -m sglang_kvmul.launch_server`: `sglang.launch_server` with the kvmul controller.
+"""`python -m sglang_kvmul.launch_server`: the user-facing entry point (see `launch.server`)."""
 
-Every `sglang.launch_server` flag works unchanged; see `launch_args` for the defaults added. Own
-flags: `--kvmul-metrics-port P` (Prometheus metrics of the controller; `--kvmul-metrics-host`,
-default 127.0.0.1) and `--kvmul-policy NAME` (a baseline rule on the same exact inputs, for
-comparisons: cache_only, load_only, vllm_v1, linear:<alpha>, dynamo, sglang_cache_aware).
-With `--device cpu`, the CPU compatibility environment is set up first.
-"""
-
-from __future__ import annotations
-
-import os
-import sys
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
-
-
-def prepare(argv: list[str]) -> list[str]:
-    """Final argv, with the process environment prepared for it (before SGLang is imported)."""
-    from sglang_kvmul.launch_args import device_of, dp_size_of, split_own_flags, with_kvmul_defaults
-    from sglang_kvmul.ports import free_port_range
-
-    cuda = _cuda_available()
-    try:
-        argv, own_env = split_own_flags(argv)
-    except ValueError as exc:
-        raise SystemExit(f"sglang_kvmul.launch_server: {exc}") from None
-    os.environ.update(own_env)
-    argv = with_kvmul_defaults(argv, cuda=cuda, free_port_range=free_port_range)
-    if device_of(argv, cuda) == "cpu":
-        from sglang_kvmul.cpu_compat import cpu_env
-
-        env = cpu_env(dp_size_of(argv))
-        os.environ.update(env)
-        if "PYTHONPATH" in env:  # the spawned children read PYTHONPATH; this process needs sys.path
-            sys.path[:0] = [p for p in env["PYTHONPATH"].split(os.pathsep) if p not in sys.path]
-    return argv
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = prepare(list(sys.argv[1:] if argv is None else argv))
-
-    from sglang.launch_server import run_server
-    from sglang.srt.plugins import load_plugins
-    from sglang.srt.server_args import prepare_server_args
-    from sglang.srt.utils import kill_process_tree
-
-    load_plugins()
-    server_args = prepare_server_args(argv)
-    try:
-        run_server(server_args)
-    finally:
-        kill_process_tree(os.getpid(), include_parent=False)
-
+from sglang_kvmul.launch.server import main
 
 if __name__ == "__main__":
     main()

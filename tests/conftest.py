@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from sglang_kvmul.local_server import LocalServer, cpu_server_args, running_server
-from sglang_kvmul.ports import free_port_range
-from sglang_kvmul.tiny_model import build
+from sglang_kvmul.harness.local_server import LocalServer, cpu_server_args, running_server
+from sglang_kvmul.harness.tiny_model import build
+from sglang_kvmul.launch.ports import free_port_range
+from sglang_kvmul.serving.settings import KvmulSettings
 
 MAX_TOTAL_TOKENS = 16384  # per rank; tests that need eviction use their own server
 
@@ -39,6 +40,15 @@ class Server:
         }
         return requests.post(self.url + "/generate", json=body, timeout=120)
 
+    def metric(self, name: str) -> dict[str, float]:
+        """A per-rank metric of the controller, by rank label (one scrape)."""
+        out = {}
+        for line in requests.get(self.metrics_url, timeout=10).text.splitlines():
+            if line.startswith(name + "{"):
+                labels, value = line.rsplit(" ", 1)
+                out[labels.split('rank="')[1].split('"')[0]] = float(value)
+        return out
+
     def decisions(self) -> dict[str, dict]:
         if not self.decision_log.exists():
             return {}
@@ -50,7 +60,7 @@ def _server(tmp_dir: Path, model: Path, extra: list[str]) -> Iterator[Server]:
     log = tmp_dir / "decisions.jsonl"
     metrics_port = free_port_range(1)
     args = ["--dp-size", "2", *cpu_server_args(MAX_TOTAL_TOKENS), "--kvmul-metrics-port", str(metrics_port), *extra]
-    env = {"SGLANG_KVMUL_DECISION_LOG": str(log)}
+    env = KvmulSettings(decision_log=str(log)).to_env()
     with running_server(model, args, tmp_dir / "server.log", env=env) as srv:
         yield Server(srv, log, metrics_port)
 

@@ -9,7 +9,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, Ma
 from sglang.srt.mem_cache.events import KvEventLoraNames
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
-from sglang_kvmul.block_hash import DEFAULT, CacheNamespace
+from sglang_kvmul.core.block_hash import DEFAULT, CacheNamespace
 
 
 class _FreeingAllocator:

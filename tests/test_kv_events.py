@@ -16,11 +16,11 @@ import pytest
 import zmq
 from sglang.srt.disaggregation.kv_events import AllBlocksCleared, BlockStored, KVEventBatch, ZmqEventPublisher
 
-from sglang_kvmul.block_hash import first_page_hash
-from sglang_kvmul.dispatch_loop import DispatchLoop, apply_update
-from sglang_kvmul.kv_events import RankEventStream
-from sglang_kvmul.ports import free_port_range
-from sglang_kvmul.router import KvmulRouter
+from sglang_kvmul.core.block_hash import first_page_hash
+from sglang_kvmul.core.router import KvmulRouter
+from sglang_kvmul.launch.ports import free_port_range
+from sglang_kvmul.serving.dispatch_loop import DispatchLoop
+from sglang_kvmul.serving.kv_events import RankEventStream
 
 
 def stored(prompt: list[int]) -> BlockStored:
@@ -68,7 +68,7 @@ class Harness:
         return frames
 
     def apply(self, update) -> None:
-        apply_update(self.router, 0, update)  # what the controller does with each message
+        self.router.apply_update(0, update)  # what the controller does with each message
 
     def cached(self, prompt: list[int]) -> int:
         return self.router.decide([*prompt, 99], limit=len(prompt)).cached[0]

@@ -1,7 +1,7 @@
 import json
 
 from sglang_kvmul.cpu_compat import cpu_env, omp_threads_bind
-from sglang_kvmul.launch_args import with_kvmul_defaults
+from sglang_kvmul.launch.args import with_kvmul_defaults
 
 
 def fixed_ports(n, avoid):

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from sglang_kvmul.launch_args import split_own_flags, with_kvmul_defaults
-from sglang_kvmul.local_server import running_server
-from sglang_kvmul.ports import free_port_range
+from sglang_kvmul.harness.local_server import running_server
+from sglang_kvmul.launch.args import split_own_flags, with_kvmul_defaults
+from sglang_kvmul.launch.ports import free_port_range
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ["python", "-m", "sglang_kvmul.launch_server"]
@@ -34,8 +34,8 @@ def test_gpu_recipe_flags_are_valid_for_sglang():
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import prepare_server_args
 
-    argv, env = split_own_flags(dry_run("gpu-1node-8gpu.sh", MODEL="/models/qwen2.5-7b"))
-    assert env == {"SGLANG_KVMUL_METRICS_PORT": "30100"}
+    argv, settings = split_own_flags(dry_run("gpu-1node-8gpu.sh", MODEL="/models/qwen2.5-7b"))
+    assert settings.to_env() == {"SGLANG_KVMUL_METRICS_PORT": "30100"}
     final = with_kvmul_defaults(
         argv, cuda=True, free_port_range=lambda n, avoid: 15000 if not avoid - {30000} else 15100
     )

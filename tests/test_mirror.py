@@ -3,24 +3,26 @@
 import random
 
 import pytest
+from helpers import via_wire
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sglang_cache import SGLangCache
 
-from sglang_kvmul.block_hash import DEFAULT, CacheNamespace, first_page_hash
-from sglang_kvmul.mirror import RadixMirror
-from sglang_kvmul.radix_index import SharedRadixIndex
+from sglang_kvmul.core.block_hash import DEFAULT, CacheNamespace, first_page_hash
+from sglang_kvmul.core.events import AllBlocksCleared, BlockRemoved, BlockStored
+from sglang_kvmul.core.mirror import RadixMirror
+from sglang_kvmul.core.radix_index import SharedRadixIndex
 
 
 def mirror_of(sg: SGLangCache, page_size: int, mirror: RadixMirror | None = None) -> RadixMirror:
     mirror = mirror or RadixMirror(page_size)
-    for ev in sg.take_events():
-        kind = type(ev).__name__
-        if kind == "BlockStored":
+    for ev in via_wire(sg.take_events()):
+        if type(ev) is BlockStored:
             assert mirror.store(ev.block_hashes, ev.parent_block_hash, ev.token_ids)
-        elif kind == "BlockRemoved":
+        elif type(ev) is BlockRemoved:
             mirror.remove(ev.block_hashes)
         else:
+            assert type(ev) is AllBlocksCleared
             mirror.clear()
     return mirror
 

@@ -19,9 +19,10 @@ from routing_checks import (
 )
 
 from sglang_kvmul.cpu_compat import cpu_env
-from sglang_kvmul.launch_args import kv_events_config
-from sglang_kvmul.local_server import cpu_server_args, running_server
-from sglang_kvmul.ports import free_port_range
+from sglang_kvmul.harness.local_server import cpu_server_args, running_server
+from sglang_kvmul.launch.args import kv_events_config
+from sglang_kvmul.launch.ports import free_port_range
+from sglang_kvmul.serving.settings import KvmulSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "patches"))
@@ -49,7 +50,8 @@ def test_patch_applies_cleanly_to_the_pinned_release(tmp_path):
     subprocess.run(["git", "apply", str(PATCH)], cwd=tmp_path, check=True)
     dpc = (tmp_path / "python/sglang/srt/managers/data_parallel_controller.py").read_text()
     assert "KVMUL = auto()" in dpc and "KvmulDataParallelController as controller_cls" in dpc
-    assert (tmp_path / "python/sglang/srt/managers/kvmul/router.py").exists()
+    assert (tmp_path / "python/sglang/srt/managers/kvmul/core/router.py").exists()
+    assert not (tmp_path / "python/sglang/srt/managers/kvmul/serving/plugin.py").exists()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def patched_server(tmp_path_factory, tiny_model) -> Iterator[Server]:
     env = cpu_env(2)
     env["PYTHONPATH"] = os.pathsep.join([str(tmp / "site"), env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))])
     env["SGLANG_PLUGINS"] = "no-such-plugin"  # a whitelist that excludes our `kvmul` entry point
-    env["SGLANG_KVMUL_DECISION_LOG"] = str(log)
+    env.update(KvmulSettings(decision_log=str(log)).to_env())
     args = ["--dp-size", "2", "--load-balance-method", "kvmul", "--kv-events-config", kv_events_config(pub, replay)]
     args += cpu_server_args(16384)
     with running_server(tiny_model, args, tmp / "server.log", launcher="sglang.launch_server", env=env) as srv:
@@ -82,7 +84,7 @@ def test_patched_sglang_routes_by_kvmul_without_the_plugin(patched_server):
     log = patched_server.server.log_path.read_text()
     assert "Loaded plugin kvmul" not in log
     # the controller that routes is the patched-in module, not the installed sglang_kvmul package
-    assert "kvmul (sglang.srt.managers.kvmul.controller): rule kvmul, 2 DP ranks" in log
+    assert "kvmul (sglang.srt.managers.kvmul.serving.controller): rule kvmul, 2 DP ranks" in log
     info = requests.get(patched_server.url + "/server_info", timeout=10).json()
     assert info["load_balance_method"] == "kvmul"
     check_shared_prefixes_stick_and_unrelated_prompts_spread(patched_server, tag="patched-spread")

@@ -1,17 +1,14 @@
 """The baseline rules, each checked against its published definition on hand-made views."""
 
 import pytest
+from helpers import view
 
-from sglang_kvmul.policies import RankView, rule_by_name
-from sglang_kvmul.router import KvmulRouter
-
-
-def view(cached, queued=(0, 0), running=(0, 0), waiting=(0, 0), kv=(0, 0), prompt=1000, page=1):
-    return RankView(prompt, list(cached), list(queued), list(running), list(waiting), list(kv), page)
+from sglang_kvmul.core.router import KvmulRouter
+from sglang_kvmul.core.rules import REGISTRY, rule_by_name, rule_help
 
 
 def pick(name, v, rotation=0):
-    return rule_by_name(name)(v, rotation)[0]
+    return rule_by_name(name).choose(v, rotation).rank
 
 
 def test_kvmul_is_the_product_rule():
@@ -37,8 +34,13 @@ def test_linear_alpha_trades_normalised_cache_and_load():
     assert pick("linear:1", v) == 0 and pick("linear:0", v) == 1
     # alpha 0.5: 0.5*0.2 + 0.5*1.0 = 0.6 vs 0.5*1.0 + 0.5*0.25 = 0.625
     assert pick("linear:0.5", v) == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"alpha in \[0, 1\], got 1.5"):
         rule_by_name("linear:1.5")
+    with pytest.raises(ValueError, match="needs a number in \\[0, 1\\], got 'abc'"):
+        rule_by_name("linear:abc")
+    with pytest.raises(ValueError, match="needs an argument"):
+        rule_by_name("linear")
+    assert rule_by_name("linear:0.25").name == "linear:0.25"
 
 
 def test_dynamo_cost_credits_overlap_and_charges_decode_blocks():
@@ -46,7 +48,7 @@ def test_dynamo_cost_credits_overlap_and_charges_decode_blocks():
     # rank 0: (0 + 1000 - 600) + 900 + 1000 = 2300; rank 1: 1000 + 0 + 1000 = 2000
     assert pick("dynamo", view(cached=(600, 0), kv=(900, 0))) == 1
     assert pick("dynamo", view(cached=(600, 0), kv=(200, 0))) == 0
-    _, _, costs = rule_by_name("dynamo")(view(cached=(64, 0), kv=(0, 0), prompt=128, page=16), 0)
+    costs = rule_by_name("dynamo").choose(view(cached=(64, 0), kv=(0, 0), prompt=128, page=16), 0).costs
     assert costs == [(8 - 4) + 0 + 8, 8 + 0 + 8]
 
 
@@ -59,9 +61,19 @@ def test_sglang_cache_aware_gates_on_imbalance_then_match_rate():
     assert pick("sglang_cache_aware", view(cached=(0, 990), running=(1, 40))) == 0
 
 
-def test_unknown_rule_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown routing rule"):
+def test_unknown_rule_is_a_clear_error_listing_the_registry():
+    with pytest.raises(ValueError, match="unknown routing rule 'fastest'; choose from kvmul, kvmul_guard") as err:
         rule_by_name("fastest")
+    assert "linear:<alpha>" in str(err.value)
+    with pytest.raises(ValueError, match="takes no argument"):
+        rule_by_name("kvmul:2")
+
+
+def test_every_registered_rule_is_named_as_registered_and_documented():
+    for name, spec in REGISTRY.items():
+        rule = rule_by_name(f"{name}:0.5" if spec.arg_help else name)
+        assert rule.name.split(":")[0] == name and isinstance(rule.reads_capacity, bool)
+        assert f"{name}" in rule_help()
 
 
 def test_round_robin_rule_takes_turns_through_the_router():

@@ -1,9 +1,10 @@
-from sglang_kvmul.policy import kvmul_score, kvmul_scores, pick_lowest
-from sglang_kvmul.prefix import cached_tokens, max_prefix_len, uncached_tokens
+from sglang_kvmul.core.prefix import cached_tokens, max_prefix_len, uncached_tokens
+from sglang_kvmul.core.score import kvmul_scores, pick_lowest
 
 
 def test_score_is_prefill_work_times_batch_plus_one():
-    assert kvmul_score(queued_uncached=100, uncached=20, batch_size=3) == 120 * 4
+    assert kvmul_scores([100], [20], [3]) == [120 * 4]
+    assert kvmul_scores([100], [20], [3], time_per_token=[2.0]) == [120 * 2.0 * 4]  # the guard's unit
     assert kvmul_scores([0, 50], [10, 10], [0, 0]) == [10, 60]
 
 

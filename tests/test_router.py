@@ -1,14 +1,17 @@
-"""The router driven by SGLang's own event and snapshot classes (no server needed)."""
+"""The router driven by SGLang's own events (through the wire format) and snapshot classes (no server)."""
 
 import random
 
+from helpers import via_wire
 from sglang.srt.disaggregation.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from sglang.srt.managers.load_snapshot import LoadSnapshot
 
-from sglang_kvmul.block_hash import CacheNamespace, first_page_hash
-from sglang_kvmul.load_ledger import RankLoad
-from sglang_kvmul.prefix import common_prefix_len
-from sglang_kvmul.router import KvmulRouter
+from sglang_kvmul.core import events as core_events
+from sglang_kvmul.core.block_hash import CacheNamespace, first_page_hash
+from sglang_kvmul.core.events import EventUpdate, KVEventBatch
+from sglang_kvmul.core.load_ledger import RankLoad
+from sglang_kvmul.core.prefix import common_prefix_len
+from sglang_kvmul.core.router import KvmulRouter
 
 
 def stored(tokens, salt=None, first_hash=1000):
@@ -18,6 +21,10 @@ def stored(tokens, salt=None, first_hash=1000):
     return BlockStored(
         block_hashes=hashes, parent_block_hash=None, token_ids=tokens, block_size=1, lora_id=None, cache_salt=salt
     )
+
+
+def feed(r: KvmulRouter, rank: int, *events) -> None:
+    r.apply_events(rank, via_wire(events))
 
 
 def snap(t, running=0, waiting=0, waiting_uncached=0, prefilled=0):
@@ -35,7 +42,7 @@ PREFIX = list(range(100, 200))
 
 def test_request_goes_to_the_rank_holding_its_prefix():
     r = KvmulRouter(num_ranks=3, page_size=1)
-    r.apply_events(2, [stored(PREFIX)])
+    feed(r, 2, stored(PREFIX))
     d = r.route([*PREFIX, 1, 2, 3], limit=102, now=1.0)
     assert d.rank == 2
     assert d.cached == [0, 0, 100]
@@ -48,7 +55,7 @@ def test_cached_prediction_respects_len_minus_one_and_pages():
     ev = BlockStored(
         block_hashes=[first, 2], parent_block_hash=None, token_ids=list(range(8)), block_size=4, lora_id=None
     )
-    r.apply_events(0, [ev])
+    feed(r, 0, ev)
     # whole prompt cached: the last token is recomputed, and 7 floors to one page
     assert r.decide(list(range(8)), limit=7).cached == [4]
     assert r.decide(list(range(9)), limit=8).cached == [8]
@@ -57,16 +64,16 @@ def test_cached_prediction_respects_len_minus_one_and_pages():
 def test_removed_and_cleared_blocks_stop_counting():
     r = KvmulRouter(num_ranks=1, page_size=1)
     ev = stored([5, 6, 7])
-    r.apply_events(0, [ev, BlockRemoved(block_hashes=[ev.block_hashes[2]])])
+    feed(r, 0, ev, BlockRemoved(block_hashes=[ev.block_hashes[2]]))
     assert r.decide([5, 6, 7, 8], limit=3).cached == [2]
-    r.apply_events(0, [AllBlocksCleared()])
+    feed(r, 0, AllBlocksCleared())
     assert r.decide([5, 6, 7, 8], limit=3).cached == [0]
     assert r.stats.clears == 1
 
 
 def test_salted_blocks_only_serve_the_same_salt():
     r = KvmulRouter(num_ranks=2, page_size=1)
-    r.apply_events(1, [stored([5, 6, 7], salt="tenant-a")])
+    feed(r, 1, stored([5, 6, 7], salt="tenant-a"))
     assert r.decide([5, 6, 7, 8], limit=3).cached == [0, 0]
     assert r.decide([5, 6, 7, 8], limit=3, namespace=CacheNamespace("tenant-a")).cached == [0, 3]
 
@@ -142,3 +149,29 @@ def test_common_prefix_len_finds_the_first_difference_anywhere():
         assert common_prefix_len([9, *a], b, start=1) == cut
     assert common_prefix_len(a, a) == 20000
     assert common_prefix_len(a, a[100:], 100, 150) == 50
+
+
+def test_sglang_events_decode_into_the_core_types_field_for_field():
+    ev = stored([5, 6, 7], salt="tenant-a")
+    (got,) = via_wire([ev])
+    assert type(got) is core_events.BlockStored
+    assert (got.block_hashes, got.parent_block_hash, got.token_ids) == (ev.block_hashes, None, [5, 6, 7])
+    removed, cleared = via_wire([BlockRemoved(block_hashes=[1, 2], medium="GPU"), AllBlocksCleared()])
+    assert type(removed) is core_events.BlockRemoved and removed.block_hashes == [1, 2]
+    assert type(cleared) is core_events.AllBlocksCleared
+
+
+def test_events_are_dispatched_by_type_and_strangers_are_counted():
+    r = KvmulRouter(num_ranks=1, page_size=1)
+    r.apply_events(0, [stored([5, 6, 7])])  # SGLang's own object, not decoded: not a core event
+    assert r.stats.unknown_events == 1 and r.decide([5, 6, 7, 8], limit=3).cached == [0]
+
+
+def test_an_update_that_lost_events_leaves_the_rank_stale_also_after_a_rebuild():
+    r = KvmulRouter(num_ranks=1, page_size=1)
+    history = KVEventBatch(0.0, via_wire([stored([5, 6, 7])]))
+    r.apply_update(0, EventUpdate([history], rebuild=True, lost=True))  # replay no longer starts at seq 0
+    assert r.stale == [True] and r.decide([5, 6, 7, 8], limit=3).cached == [0]
+    cleared = KVEventBatch(1.0, via_wire([AllBlocksCleared(), stored([5, 6, 7])]))
+    r.apply_update(0, EventUpdate([cleared], lost=True))  # a gap, then the cache was cleared: exact again
+    assert r.stale == [False] and r.decide([5, 6, 7, 8], limit=3).cached == [3]

@@ -8,6 +8,7 @@ the next request arrives.
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import requests
@@ -41,6 +42,11 @@ def test_flush_cache_is_broadcast_and_clears_the_mirrors(kvmul_server):
     assert kvmul_server.generate(prompt, rid="flush-0").status_code == 200
     assert kvmul_server.generate(prompt, rid="flush-1").json()["meta_info"]["cached_tokens"] == 199
     assert requests.post(kvmul_server.url + "/flush_cache", timeout=30).status_code == 200
+    # The ranks publish AllBlocksCleared after answering the flush: wait for the controller to have
+    # applied it (its mirror sizes, read from the metrics), with a deadline.
+    deadline = time.monotonic() + 30
+    while any(v > 0 for v in kvmul_server.metric("kvmul_mirror_tokens").values()):
+        assert time.monotonic() < deadline, "the flush's AllBlocksCleared never reached the controller"
     meta = kvmul_server.generate(prompt, rid="flush-2").json()["meta_info"]
     assert meta["cached_tokens"] == 0
     assert kvmul_server.decisions()["flush-2"]["predicted_cached"] == 0

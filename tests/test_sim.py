@@ -4,7 +4,7 @@ import random
 
 from sglang_kvmul.sim.engine import SimConfig, Simulation
 from sglang_kvmul.sim.rank import RankConfig
-from sglang_kvmul.workloads import TraceRequest, api
+from sglang_kvmul.sim.workloads import TraceRequest, api
 
 
 def shared_prefix_requests(n: int, gap_s: float, seed: int = 0) -> list[TraceRequest]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_kvmul.workloads import agentic, api, mooncake, summary
+from sglang_kvmul.sim.workloads import agentic, api, mooncake, summary
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
 

@@ -8,8 +8,13 @@ FLOPs and bytes, unmeasured.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
+
+FITTED = Path(__file__).parent / "fitted"  # fits written by benchmarks/fit_cpu_cost.py
+KV_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
 
 
 class CostModel(Protocol):
@@ -62,9 +67,8 @@ class ModelShape:
     experts_per_token: int = 0
     expert_params: float = 0.0
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * 2  # K and V, bf16
+    def kv_bytes_per_token(self, kv_dtype: str = "bf16") -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * KV_BYTES[kv_dtype]  # K and V
 
 
 # Shapes from the models' public configs (Qwen2.5-7B-Instruct, Qwen3-30B-A3B).
@@ -92,6 +96,7 @@ class RooflineCost:
     mfu: float = 0.5
     bw_eff: float = 0.7
     step_s: float = 0.002
+    kv_dtype: str = "bf16"  # what decode reads per context token
 
     def _attn_flops(self, new_tokens: int, context: float) -> float:
         m = self.model
@@ -113,21 +118,45 @@ class RooflineCost:
 
     def decode_s(self, batch: int, total_context: int) -> float:
         m = self.model
-        bytes_moved = self._weight_bytes(batch) + total_context * m.kv_bytes_per_token
+        bytes_moved = self._weight_bytes(batch) + total_context * m.kv_bytes_per_token(self.kv_dtype)
         flops = 2 * m.active_params * batch + self._attn_flops(batch, total_context / max(1, batch))
         return self.step_s + max(bytes_moved / (self.peak_bw * self.bw_eff), flops / (self.peak_flops * self.mfu))
 
 
-PROFILES: dict[str, CostModel] = {
+@dataclass(frozen=True)
+class Profile:
+    """A simulated rank: its step times, and the KV pool it serves from (tokens, element type), so a
+    run needs no hand-passed pool size. `measured` says whether `cost` was fitted to real step times."""
+
+    cost: CostModel
+    kv_tokens: int
+    kv_dtype: str
+    measured: bool
+    note: str
+
+
+def fitted_linear(name: str, note: str) -> Profile:
+    """A `LinearCost` profile from its fit's JSON (written by the fitting benchmark)."""
+    doc = json.loads((FITTED / f"{name}.json").read_text())
+    pre, dec = doc["fit"]["prefill"], doc["fit"]["decode"]
+    cost = LinearCost(
+        prefill_fixed_s=pre["fixed_s"], prefill_token_s=pre["per_token_s"], attn_token_ctx_s=pre["attn_token_ctx_s"],
+        decode_step_s=dec["step_s"], decode_req_s=dec["per_request_s"], decode_ctx_s=dec["per_context_token_s"],
+    )  # fmt: skip
+    return Profile(cost, doc["kv_tokens"], doc["kv_dtype"], True, note)
+
+
+PROFILES: dict[str, Profile] = {
     # Fitted by benchmarks/fit_cpu_cost.py to the real CPU SGLang server, built-in `bench` model
     # (the one every CPU benchmark here serves), one rank on one core; fit within ~5% of every
     # measured point (benchmarks/results/sim/cpu_cost_fit.md). The "tiny" shape is too small for
     # prefix hits to matter on CPU, so the fit uses the model the comparisons use.
-    "cpu-bench": LinearCost(
-        prefill_fixed_s=1.318e-2, prefill_token_s=1.913e-4, attn_token_ctx_s=6.230e-8,
-        decode_step_s=7.646e-3, decode_req_s=1.186e-7, decode_ctx_s=9.485e-6,
+    "cpu-bench": fitted_linear("cpu-bench", "CPU server, bench model (fitted)"),
+    # bf16 weights (15 GB) on an 80 GB card leave ~1M bf16 KV tokens (57 KB/token) at 0.9 memory use
+    "h100-qwen2.5-7b": Profile(RooflineCost(QWEN25_7B), 1_000_000, "bf16", False, "H100, Qwen2.5-7B roofline"),
+    # bf16 weights (61 GB) leave ~11 GB: ~220k tokens of FP8 KV (48 KB/token)
+    "h100-qwen3-30b-a3b": Profile(
+        RooflineCost(QWEN3_30B_A3B, kv_dtype="fp8"), 220_000, "fp8", False, "H100, Qwen3-30B-A3B roofline"
     ),
-    "h100-qwen2.5-7b": RooflineCost(QWEN25_7B),
-    "h100-qwen3-30b-a3b": RooflineCost(QWEN3_30B_A3B),
-    "illustrative": LinearCost(),
-}  # fmt: skip
+    "illustrative": Profile(LinearCost(), 65_536, "bf16", False, "round numbers"),
+}

@@ -13,12 +13,12 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sglang_kvmul.load_ledger import LoadSnapshotView
-from sglang_kvmul.policies import rule_by_name
-from sglang_kvmul.router import KvmulRouter
+from sglang_kvmul.core.load_ledger import LoadSnapshotView
+from sglang_kvmul.core.router import KvmulRouter
+from sglang_kvmul.core.rules import rule_by_name
 from sglang_kvmul.sim.cost import CostModel, LinearCost, ScaledCost
 from sglang_kvmul.sim.rank import RankConfig, SimRank, SimRequest
-from sglang_kvmul.workloads import TraceRequest
+from sglang_kvmul.sim.workloads import TraceRequest
 
 SNAPSHOT_EVERY_DECODES = 8
 
@@ -27,7 +27,7 @@ SNAPSHOT_EVERY_DECODES = 8
 class SimConfig:
     ranks: int = 4
     rank: RankConfig = field(default_factory=RankConfig)
-    rule: str = "kvmul"  # any `policies.rule_by_name` name
+    rule: str = "kvmul"  # any `core.rules.REGISTRY` spelling
     event_delay_s: float = 0.002  # KV events and load snapshots reach the router this much later
     fuse_decode: bool = True  # take uninterruptible decode runs as one block (same timeline, faster)
 

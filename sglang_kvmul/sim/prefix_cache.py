@@ -14,26 +14,10 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sglang_kvmul.block_hash import first_page_hash
+from sglang_kvmul.core.block_hash import first_page_hash
+from sglang_kvmul.core.events import BlockRemoved, BlockStored, KVEvent
 
 HASH_MASK = (1 << 63) - 1
-
-
-@dataclass
-class BlockStored:
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-
-
-@dataclass
-class BlockRemoved:
-    block_hashes: list[int]
-
-
-@dataclass
-class AllBlocksCleared:
-    pass
 
 
 @dataclass(eq=False, slots=True)
@@ -56,7 +40,7 @@ class SimPrefixCache:
         self.num_pages = 0
         self.evicted_pages = 0
         self.locked_pages = 0  # pages some request references: not evictable (SGLang's protected size)
-        self.events: list[object] = []
+        self.events: list[KVEvent] = []
         self._lru: list[tuple[float, int, Page]] = []  # candidate leaves, validated when popped
         self._seq = 0
 

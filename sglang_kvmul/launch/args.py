@@ -15,6 +15,8 @@ import json
 from collections.abc import Callable, Sequence
 
 from sglang_kvmul import METHOD_NAME
+from sglang_kvmul.core.rules import rule_help
+from sglang_kvmul.serving.settings import KvmulSettings
 
 
 def _peek(argv: Sequence[str]) -> argparse.Namespace:
@@ -49,8 +51,10 @@ def with_kvmul_defaults(
     *,
     cuda: bool,
     free_port_range: Callable[[int, set[int]], int],
+    avoid: set[int] | None = None,
 ) -> list[str]:
-    """`argv` plus our defaults. `free_port_range(n, avoid)` returns a base of n free ports."""
+    """`argv` plus our defaults. `free_port_range(n, avoid)` returns a base of n free ports; the
+    KV-event ranges also stay off `avoid` (our own ports, such as the metrics port)."""
     args = _peek(argv)
     out = list(argv)
     method = args.load_balance_method
@@ -59,8 +63,9 @@ def with_kvmul_defaults(
         out += ["--load-balance-method", METHOD_NAME]
     if method == METHOD_NAME and args.kv_events_config is None:
         n = args.dp_size
-        pub = free_port_range(n, {args.port})
-        replay = free_port_range(n, {args.port, *range(pub, pub + n)})
+        taken = {args.port, *(avoid or ())}
+        pub = free_port_range(n, taken)
+        replay = free_port_range(n, {*taken, *range(pub, pub + n)})
         out += ["--kv-events-config", kv_events_config(pub, replay)]
     uses_cuda = cuda and (args.device in (None, "cuda"))
     if uses_cuda and not (args.attention_backend or args.prefill_attention_backend or args.decode_attention_backend):
@@ -68,24 +73,22 @@ def with_kvmul_defaults(
     return out
 
 
-def split_own_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """Remove this launcher's own flags; return SGLang's argv and the environment they set."""
+def split_own_flags(argv: Sequence[str]) -> tuple[list[str], KvmulSettings]:
+    """Remove this launcher's own flags; return SGLang's argv and the controller's settings
+    (the environment's `SGLANG_KVMUL_*` values, overridden by the flags), validated."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--kvmul-metrics-port", type=int, default=None)
     p.add_argument("--kvmul-metrics-host", default=None)
-    p.add_argument("--kvmul-policy", default=None)
+    p.add_argument("--kvmul-policy", default=None, help=rule_help())
     own, rest = p.parse_known_args(list(argv))
-    env = {}
-    if own.kvmul_policy is not None:
-        from sglang_kvmul.policies import rule_by_name
-
-        rule_by_name(own.kvmul_policy)  # reject an unknown rule before starting anything
-        env["SGLANG_KVMUL_POLICY"] = own.kvmul_policy
-    if own.kvmul_metrics_port is not None:
-        env["SGLANG_KVMUL_METRICS_PORT"] = str(own.kvmul_metrics_port)
-    if own.kvmul_metrics_host is not None:
-        env["SGLANG_KVMUL_METRICS_HOST"] = own.kvmul_metrics_host
-    return rest, env
+    settings = KvmulSettings.from_env()
+    changes = {
+        "policy": own.kvmul_policy,
+        "metrics_port": own.kvmul_metrics_port,
+        "metrics_host": own.kvmul_metrics_host,
+    }
+    settings = settings.replace(**{k: v for k, v in changes.items() if v is not None})
+    return rest, settings.validate()
 
 
 def device_of(argv: Sequence[str], cuda: bool) -> str:

@@ -1,8 +1,7 @@
 """The kvmul routing state machine: exact per-rank cache mirrors + load ledgers + the LMetric rule.
 
 This is the one implementation of the policy. The live controller feeds it SGLang's KV events and
-load snapshots; the simulator feeds it simulated ones. No I/O, no SGLang import: events are any
-objects with SGLang's event field names (`BlockStored`, `BlockRemoved`, `AllBlocksCleared`).
+load snapshots; the simulator feeds it simulated ones, both as the types of `events`. No I/O.
 """
 
 from __future__ import annotations
@@ -10,13 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from sglang_kvmul.block_hash import DEFAULT, CacheNamespace, first_page_hash
-from sglang_kvmul.load_ledger import LoadSnapshotView, RankLoad
-from sglang_kvmul.mirror import RadixMirror
-from sglang_kvmul.pending import PendingPrefixes
-from sglang_kvmul.policies import RankView, Rule, kvmul
-from sglang_kvmul.prefix import cached_tokens
-from sglang_kvmul.radix_index import SharedRadixIndex
+from sglang_kvmul.core.block_hash import DEFAULT, CacheNamespace, first_page_hash
+from sglang_kvmul.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventUpdate, KVEvent
+from sglang_kvmul.core.load_ledger import LoadSnapshotView, RankLoad
+from sglang_kvmul.core.mirror import RadixMirror
+from sglang_kvmul.core.pending import PendingPrefixes
+from sglang_kvmul.core.prefix import cached_tokens
+from sglang_kvmul.core.radix_index import SharedRadixIndex
+from sglang_kvmul.core.rules import Kvmul
+from sglang_kvmul.core.view import RankView, Rule
 
 
 @dataclass
@@ -30,8 +31,9 @@ class Decision:
     from_pending: list[bool]  # whether that figure came from an unconfirmed in-flight prompt
     queued: list[int]
     batch: list[int]
-    scores: list[float]  # the rule's cost per rank (lowest wins)
+    scores: list[float]  # the rule's cost per rank (lowest wins; finite)
     tie: bool = False  # the rotation chose among equally scored ranks
+    excluded: tuple[int, ...] = ()  # ranks the rule ruled out before comparing scores
 
     @property
     def uncached(self) -> list[int]:
@@ -45,14 +47,13 @@ class Decision:
 @dataclass
 class RouterStats:
     decisions: int = 0
-    events_applied: int = 0
     unknown_events: int = 0
     clears: int = 0
     stale_marks: int = 0
     per_rank_requests: list[int] = field(default_factory=list)
     per_rank_prompt_tokens: list[int] = field(default_factory=list)
     per_rank_predicted_cached: list[int] = field(default_factory=list)
-    last_scores: list[int] = field(default_factory=list)
+    last_scores: list[float] = field(default_factory=list)
 
 
 class KvmulRouter:
@@ -63,12 +64,11 @@ class KvmulRouter:
         num_ranks: int,
         page_size: int,
         dynamo_events: bool = False,
-        pending_ttl: float = 30.0,
-        rule: Rule = kvmul,
+        rule: Rule | None = None,
     ) -> None:
         """`dynamo_events`: SGLang publishes in the "dynamo" format (hashes also cover extra_key).
-        `rule`: the routing rule (`policies`); baselines share the same mirror and load view."""
-        self.rule = rule
+        `rule`: the routing rule (`rules`, default kvmul); baselines share the same mirror and load view."""
+        self.rule: Rule = rule if rule is not None else Kvmul()
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
         self.num_ranks = num_ranks
@@ -77,7 +77,7 @@ class KvmulRouter:
         self.index = SharedRadixIndex(num_ranks, page_size)  # one walk per request answers every rank
         self.mirrors = [RadixMirror(page_size, self.index, r) for r in range(num_ranks)]
         self.loads = [RankLoad() for _ in range(num_ranks)]
-        self.pending = [PendingPrefixes(ttl=pending_ttl) for _ in range(num_ranks)]
+        self.pending = [PendingPrefixes() for _ in range(num_ranks)]
         # A stale rank lost KV events for good: its mirror is not trusted (scored as caching
         # nothing) until SGLang clears that cache (AllBlocksCleared) and the mirror restarts exact.
         self.stale = [False] * num_ranks
@@ -85,7 +85,7 @@ class KvmulRouter:
             per_rank_requests=[0] * num_ranks,
             per_rank_prompt_tokens=[0] * num_ranks,
             per_rank_predicted_cached=[0] * num_ranks,
-            last_scores=[0] * num_ranks,
+            last_scores=[0.0] * num_ranks,
         )
         self._rotation = 0
 
@@ -121,12 +121,14 @@ class KvmulRouter:
             kv_tokens=[ld.kv_tokens for ld in loads],
             page_size=self.page_size,
         )
-        if getattr(self.rule, "reads_capacity", False):  # only the guard; kept off every other decision
+        if self.rule.reads_capacity:  # kept off the decisions of rules that do not read them
             view.max_running = [ld.max_running for ld in loads]
             view.max_kv_tokens = [ld.max_kv_tokens for ld in loads]
             view.prefill_us_per_token = [ld.prefill_us_per_token for ld in loads]
-        rank, tie, scores = self.rule(view, self._rotation)
-        return Decision(rank, n, root, cached, from_pending, list(view.queued), view.batch, scores, tie)
+        c = self.rule.choose(view, self._rotation)
+        return Decision(
+            c.rank, n, root, cached, from_pending, list(view.queued), view.batch, c.costs, c.tie, c.excluded
+        )
 
     def commit(self, decision: Decision, tokens: Sequence[int], now: float) -> None:
         """Book a dispatched request on its rank (also used for requests pinned by the user)."""
@@ -161,29 +163,35 @@ class KvmulRouter:
         return decision
 
     # ---- inputs from the ranks -------------------------------------------------------------
-    def apply_events(self, rank: int, events: Iterable[object]) -> None:
-        """Apply one rank's KV events in order."""
+    def apply_events(self, rank: int, events: Iterable[KVEvent]) -> None:
+        """Apply one rank's KV events in order (dispatched on their type, `events`)."""
         mirror = self.mirrors[rank]
         for ev in events:
-            kind = type(ev).__name__
-            if kind == "BlockStored":
+            kind = type(ev)
+            if kind is BlockStored:
                 mirror.store(ev.block_hashes, ev.parent_block_hash, ev.token_ids)  # orphans: mirror counts
-            elif kind == "BlockRemoved":
+            elif kind is BlockRemoved:
                 mirror.remove(ev.block_hashes)
-            elif kind == "AllBlocksCleared":
+            elif kind is AllBlocksCleared:
                 mirror.clear()
                 self.stale[rank] = False
                 self.stats.clears += 1
             else:
                 self.stats.unknown_events += 1
-                continue
-            self.stats.events_applied += 1
 
-    def rebuild(self, rank: int, events: Iterable[object]) -> None:
-        """Replace a rank's mirror by the given full event history (from its first batch)."""
-        self.mirrors[rank].clear()
-        self.stale[rank] = False
-        self.apply_events(rank, events)
+    def apply_update(self, rank: int, update: EventUpdate) -> None:
+        """What one message of a rank's stream means: a rebuild from full history, new batches, and
+        whether events were lost for good before them (the mirror is then untrusted, also after a
+        rebuild from a history that no longer starts at the first batch, until an AllBlocksCleared
+        among the batches makes it exact again). The one path for live messages, replays and a late
+        joiner's catch-up."""
+        if update.rebuild:
+            self.mirrors[rank].clear()
+            self.stale[rank] = False
+        if update.lost:
+            self.mark_stale(rank)
+        for batch in update.batches:
+            self.apply_events(rank, batch.events)
 
     def mark_stale(self, rank: int) -> None:
         self.stale[rank] = True

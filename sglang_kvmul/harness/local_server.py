@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-from sglang_kvmul.ports import free_port_range
+from sglang_kvmul.launch.ports import free_port_range
 
 SHM_GLOB = "/dev/shm/sglang_loads_*"
 

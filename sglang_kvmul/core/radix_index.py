@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from sglang_kvmul.prefix import common_prefix_len
+from sglang_kvmul.core.prefix import common_prefix_len
 
 
 class _Seg:

@@ -6,26 +6,20 @@ the dispatch path does no metrics work at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sglang_kvmul.kv_events import RankEventStream
-from sglang_kvmul.router import KvmulRouter
-
-METRICS_PORT_ENV = "SGLANG_KVMUL_METRICS_PORT"
-METRICS_HOST_ENV = "SGLANG_KVMUL_METRICS_HOST"
+from sglang_kvmul.serving.dispatcher import KvmulDispatcher
 
 
 class KvmulCollector(Collector):
-    def __init__(
-        self, router: KvmulRouter, streams: Sequence[RankEventStream], counters: Callable[[], dict[str, int]]
-    ) -> None:
-        self.router = router
-        self.streams = streams
-        self.counters = counters  # controller-level totals (rejected requests, ingestion errors)
+    def __init__(self, dispatcher: KvmulDispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.router = dispatcher.router
+        self.streams = dispatcher.streams
 
     def _per_rank(self, family, values) -> GaugeMetricFamily | CounterMetricFamily:
         for rank, value in enumerate(values):
@@ -98,7 +92,7 @@ class KvmulCollector(Collector):
             for s in self.streams:
                 family.add_metric([str(s.rank)], getattr(s.stats, attr))
             yield family
-        for name, value in self.counters().items():
+        for name, value in self.dispatcher.counters().items():
             yield CounterMetricFamily(f"kvmul_{name}", name.replace("_", " "), value=value)
 
 

@@ -56,7 +56,7 @@ def register() -> None:
     _add_cli_choice()
     _mark_load_aware()
     if _DPC_MODULE in sys.modules:
-        from sglang_kvmul.controller import KvmulDataParallelController
+        from sglang_kvmul.serving.controller import KvmulDataParallelController
 
         HookRegistry.register(f"{_DPC_MODULE}.DataParallelController", KvmulDataParallelController, HookType.REPLACE)
         HookRegistry.register(f"{_DPC_MODULE}.LoadBalanceMethod.from_str", _from_str_around, HookType.AROUND)

@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-RECV_SLACK_S = 0.01  # an idle scheduler picks up a request within this long of its dispatch
-MIN_TOKENS_FOR_SPEED = 16384  # prefilled tokens before a rank's measured speed is trusted
+from sglang_kvmul.core.tunables import MIN_TOKENS_FOR_SPEED, RECV_SLACK_S
 
 
 @dataclass

@@ -6,7 +6,8 @@ meanwhile behind it (and, with a publisher faster than ingestion, forever). So e
 one batch at a time, at most `slice_batches` per rank per wake-up, and after every batch the
 request socket is checked: a request waits behind at most one event batch. Backlog left on a
 socket keeps it readable (ZMQ polling is level-triggered), so the next wake-up continues at once.
-Shared by `controller.KvmulDataParallelController` and `benchmarks/dispatch_stall.py`.
+Shared by `controller.KvmulDataParallelController` and `benchmarks/dispatch_stall.py`; the knobs
+are `settings.KvmulSettings.slice_batches` and `poll_ms`.
 """
 
 from __future__ import annotations
@@ -15,28 +16,10 @@ from collections.abc import Callable, Sequence
 
 import zmq
 
-from sglang_kvmul.kv_events import RankEventStream, StreamUpdate
-from sglang_kvmul.router import KvmulRouter
+from sglang_kvmul.serving.kv_events import RankEventStream
+from sglang_kvmul.serving.settings import KvmulSettings
 
-SLICE_BATCHES = 8  # event batches per rank per wake-up
-POLL_MS = 100  # idle wake-up, so watchdogs keep being fed
-
-
-def apply_update(router: KvmulRouter, rank: int, update: StreamUpdate) -> None:
-    """What one message of a rank's stream means for the router: a rebuild, a loss, or new batches."""
-    if update.rebuild:
-        router.rebuild(rank, (e for b in update.batches for e in b.events))
-        return
-    if update.lost:
-        router.mark_stale(rank)
-    for batch in update.batches:
-        router.apply_events(rank, batch.events)
-
-
-def apply_stream(router: KvmulRouter, stream: RankEventStream, max_batches: int | None = None) -> None:
-    """Apply (at most `max_batches` of) a rank's waiting KV-event batches to the router, in order."""
-    for update in stream.drain(max_batches):
-        apply_update(router, stream.rank, update)
+_DEFAULTS = KvmulSettings()
 
 
 class DispatchLoop:
@@ -46,7 +29,7 @@ class DispatchLoop:
         streams: Sequence[RankEventStream],
         drain_requests: Callable[[], None],
         ingest: Callable[[RankEventStream, int | None], None],
-        slice_batches: int | None = SLICE_BATCHES,
+        slice_batches: int | None = _DEFAULTS.slice_batches,
     ) -> None:
         """`drain_requests()` dispatches every request waiting on `requests` without blocking;
         `ingest(stream, n)` applies at most `n` of a stream's waiting batches. `slice_batches=None`
@@ -63,7 +46,7 @@ class DispatchLoop:
         self.ingest = ingest
         self.slice_batches = slice_batches
 
-    def run_once(self, timeout_ms: int = POLL_MS) -> None:
+    def run_once(self, timeout_ms: int = _DEFAULTS.poll_ms) -> None:
         ready = dict(self.poller.poll(timeout_ms))
         self.drain_requests()
         for sock in ready:

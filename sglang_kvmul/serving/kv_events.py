@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import msgspec
 import zmq
-from sglang.srt.disaggregation.kv_events import KVEventBatch, ZmqEventPublisher
+from sglang.srt.disaggregation.kv_events import ZmqEventPublisher
 from zmq.utils.monitor import recv_monitor_message
+
+from sglang_kvmul.core.events import EventUpdate, KVEventBatch, batch_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +32,6 @@ class StreamStats:
     unrecovered_gaps: int = 0
     malformed: int = 0
     restarts: int = 0
-
-
-@dataclass
-class StreamUpdate:
-    """What one PUB message means for the rank's mirror, in order."""
-
-    batches: list[KVEventBatch]
-    rebuild: bool = False  # `batches` is the full history: clear the mirror before applying them
-    lost: bool = False  # events were lost for good: the mirror can no longer be trusted
 
 
 def rank_endpoint(endpoint: str, rank: int) -> str:
@@ -70,7 +63,7 @@ class RankEventStream:
         self.stats = StreamStats()
         self.next_seq = 0
         self.last_ts = 0.0  # newest batch timestamp applied (tells a restart from a duplicate)
-        self._decoder = msgspec.msgpack.Decoder(KVEventBatch)
+        self._decoder = batch_decoder()  # straight into the core's event types
         self.sub = context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.sub.setsockopt(zmq.RCVHWM, 0)
@@ -95,7 +88,7 @@ class RankEventStream:
                 self._connects += 1
                 self._restart_suspect = self._restart_suspect or self._connects > 1
 
-    def _new_incarnation(self) -> StreamUpdate | None:
+    def _new_incarnation(self) -> EventUpdate | None:
         """The publisher's full history if it restarted since we last applied a batch."""
         history = self.replay(0)
         if not history or history[0][0] != 0 or history[0][1].ts <= self.last_ts:
@@ -105,7 +98,7 @@ class RankEventStream:
         self.next_seq = history[-1][0] + 1
         self.last_ts = max(b.ts for _, b in history)
         self.stats.replayed_batches += len(history)
-        return StreamUpdate([b for _, b in history], rebuild=True)
+        return EventUpdate([b for _, b in history], rebuild=True)
 
     def _decode(self, payload: bytes) -> KVEventBatch | None:
         try:
@@ -141,7 +134,7 @@ class RankEventStream:
         finally:
             dealer.close()
 
-    def catch_up(self) -> StreamUpdate:
+    def catch_up(self) -> EventUpdate:
         """The publisher's whole buffered history, for a controller that joins late.
 
         `lost` when the buffer no longer starts at the first batch (seq 0).
@@ -151,9 +144,9 @@ class RankEventStream:
             self.next_seq = history[-1][0] + 1
             self.last_ts = max(b.ts for _, b in history)
             self.stats.replayed_batches += len(history)
-        return StreamUpdate([b for _, b in history], rebuild=True, lost=bool(history) and history[0][0] != 0)
+        return EventUpdate([b for _, b in history], rebuild=True, lost=bool(history) and history[0][0] != 0)
 
-    def on_frames(self, frames: list[bytes]) -> StreamUpdate:
+    def on_frames(self, frames: list[bytes]) -> EventUpdate:
         """In-order batches from one PUB message, replaying any gap before it.
 
         A gap the replay buffer no longer covers is reported as `lost`.
@@ -161,13 +154,13 @@ class RankEventStream:
         if len(frames) != 3 or len(frames[1]) != 8:
             self.stats.malformed += 1
             logger.warning("kvmul: rank %d: dropped a malformed KV-event message (%d frames)", self.rank, len(frames))
-            return StreamUpdate([])
+            return EventUpdate([])
         # Decode before trusting anything in the message: a malformed one must not move our position.
         batch = self._decode(frames[2])
         if batch is None:
-            return StreamUpdate([])
+            return EventUpdate([])
         seq = int.from_bytes(frames[1], "big", signed=False)
-        update = StreamUpdate([])
+        update = EventUpdate([])
         self._poll_monitor()
         older = seq < self.next_seq
         if self._restart_suspect or (older and (seq == 0 or batch.ts > self.last_ts)):
@@ -201,9 +194,9 @@ class RankEventStream:
         self.stats.batches += 1
         return update
 
-    def drain(self, max_messages: int | None = None) -> list[StreamUpdate]:
+    def drain(self, max_messages: int | None = None) -> list[EventUpdate]:
         """Messages waiting on the SUB socket (at most `max_messages`), without blocking."""
-        out: list[StreamUpdate] = []
+        out: list[EventUpdate] = []
         while max_messages is None or len(out) < max_messages:
             try:
                 frames = self.sub.recv_multipart(zmq.NOBLOCK)

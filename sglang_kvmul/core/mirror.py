@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sglang_kvmul.radix_index import SharedRadixIndex
+from sglang_kvmul.core.radix_index import SharedRadixIndex
 
 
 class RadixMirror:

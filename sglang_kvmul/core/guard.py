@@ -9,9 +9,10 @@ stops measuring what it stands for:
   factor near zero) keeps winning while requests queue behind its cap or its KV pool (hot prefixes,
   long outputs, KV pressure). Mitigation: the product among the ranks that can start it now.
 * `speed_spread`: the ranks' measured prefill time per token (SGLang's cumulative
-  `total_prefill_busy_us` over `total_prefill_uncached_tokens`) differs by more than `SPREAD`. The
-  product counts tokens, and a slow rank's token costs more. Mitigation: count the prefill factor in
-  measured time (tokens x that rank's us/token), the unit TTFT is made of.
+  `total_prefill_busy_us` over `total_prefill_uncached_tokens`) differs by more than
+  `tunables.SPEED_SPREAD`. The product counts tokens, and a slow rank's token costs more.
+  Mitigation: count the prefill factor in measured time (tokens x that rank's us/token), the unit
+  TTFT is made of.
 * `backlogged`: every rank has uncached prefill queued, so no capacity is idle anywhere, and the
   product would move the request off the rank that caches its longest prefix. The move re-prefills
   that prefix on a cluster with no slack and keeps a second copy of it in another KV pool (under KV
@@ -29,15 +30,12 @@ how often each condition changed a decision.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
 
-from sglang_kvmul.policy import kvmul_scores, pick_lowest
+from sglang_kvmul.core.score import kvmul_scores, pick_lowest
+from sglang_kvmul.core.tunables import SPEED_SPREAD
+from sglang_kvmul.core.view import Choice, RankView
 
-if TYPE_CHECKING:
-    from sglang_kvmul.policies import RankView
-
-SPREAD = 1.25  # detector threshold, not a scoring weight: measured speeds closer than this are noise
-INF = float("inf")
+_INF = float("inf")  # internal only: a Choice's costs stay finite (they go to JSON and to a gauge)
 
 
 def saturated(view: RankView, rank: int) -> bool:
@@ -50,9 +48,9 @@ def saturated(view: RankView, rank: int) -> bool:
 
 
 def speed_spread(view: RankView) -> bool:
-    """Whether every rank has a measured prefill speed and they differ by more than SPREAD."""
+    """Whether every rank has a measured prefill speed and they differ by more than SPEED_SPREAD."""
     speeds = list(view.prefill_us_per_token)
-    return bool(speeds) and min(speeds) > 0 and max(speeds) > SPREAD * min(speeds)
+    return bool(speeds) and min(speeds) > 0 and max(speeds) > SPEED_SPREAD * min(speeds)
 
 
 def backlogged(view: RankView) -> bool:
@@ -60,43 +58,42 @@ def backlogged(view: RankView) -> bool:
     return bool(view.queued) and min(view.queued) > 0
 
 
-def _only(scores: list[float], keep: list[bool]) -> list[float]:
-    return [s if k else INF for s, k in zip(scores, keep, strict=True)]
-
-
 class GuardedKvmul:
     """The kvmul rule behind the three detectors above; `trips` counts the decisions they changed."""
 
-    __name__ = "kvmul_guard"
+    name = "kvmul_guard"
     reads_capacity = True  # the router fills RankView's capacity and speed fields for this rule only
 
     def __init__(self) -> None:
         self.trips: Counter[str] = Counter()
 
-    def __call__(self, view: RankView, rotation: int) -> tuple[int, bool, list[float]]:
-        queued, uncached, batch = list(view.queued), view.uncached, view.batch
-        plain = kvmul_scores(queued, uncached, batch)
-        choice, tie = pick_lowest(plain, queued, rotation)
-        costs: list[float] = list(plain)  # the product, in time when speeds differ
+    def choose(self, view: RankView, rotation: int) -> Choice:
+        queued, uncached, batch = view.queued, view.uncached, view.batch
+        costs = kvmul_scores(queued, uncached, batch)  # the product, in time when speeds differ
+        choice, tie = pick_lowest(costs, queued, rotation)
+        keep = [True] * len(costs)
         reason, candidate = None, choice
         if speed_spread(view):
-            us = view.prefill_us_per_token
-            costs = [
-                (max(0, q) + max(0, u)) * t * (b + 1) for q, u, t, b in zip(queued, uncached, us, batch, strict=True)
-            ]
+            costs = kvmul_scores(queued, uncached, batch, view.prefill_us_per_token)
             reason, candidate = "speed_spread", pick_lowest(costs, queued, rotation)[0]
-        scores = costs
         best = max(view.cached)
         if view.cached[candidate] < best and backlogged(view):
-            scores = _only(costs, [c == best for c in view.cached])
-            reason, candidate = "backlogged", pick_lowest(scores, queued, rotation)[0]
+            keep = [c == best for c in view.cached]
+            reason, candidate = "backlogged", self._pick(costs, keep, queued, rotation)[0]
         if saturated(view, candidate):
             free = [not saturated(view, r) for r in range(len(costs))]
             if any(free):
-                scores, reason = _only(costs, free), "saturated"
+                keep, reason = free, "saturated"
         if reason is None:
-            return choice, tie, scores
-        guarded, tie = pick_lowest(scores, queued, rotation)
+            return Choice(choice, tie, costs)
+        guarded, tie = self._pick(costs, keep, queued, rotation)
         if guarded != choice:
             self.trips[reason] += 1
-        return guarded, tie, scores
+        return Choice(guarded, tie, costs, tuple(r for r, k in enumerate(keep) if not k))
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @staticmethod
+    def _pick(costs: list[float], keep: list[bool], queued, rotation: int) -> tuple[int, bool]:
+        return pick_lowest([c if k else _INF for c, k in zip(costs, keep, strict=True)], queued, rotation)

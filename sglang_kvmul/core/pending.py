@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sglang_kvmul.prefix import common_prefix_len
+from sglang_kvmul.core.prefix import common_prefix_len
+from sglang_kvmul.core.tunables import PENDING_MAX_ENTRIES, PENDING_TTL_S
 
 
 @dataclass
@@ -26,7 +27,7 @@ class _Entry:
 class PendingPrefixes:
     """In-flight prompts of one rank."""
 
-    def __init__(self, ttl: float = 30.0, max_entries: int = 256) -> None:
+    def __init__(self, ttl: float = PENDING_TTL_S, max_entries: int = PENDING_MAX_ENTRIES) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self.entries: list[_Entry] = []

@@ -1,0 +1,215 @@
+"""The routing rules, kvmul and the baselines it is compared with, and the registry that names them.
+
+A rule implements `view.Rule`. Most are a cost per rank with the shared argmin (`CostRule`);
+`REGISTRY` feeds `--kvmul-policy`'s choices, its help text and its error messages. To add a
+baseline: a class here and one `RuleSpec` line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sglang_kvmul.core.guard import GuardedKvmul
+from sglang_kvmul.core.score import kvmul_scores, pick_lowest
+from sglang_kvmul.core.view import Choice, RankView, Rule
+
+__all__ = ["REGISTRY", "Choice", "CostRule", "RankView", "Rule", "RuleSpec", "rule_by_name", "rule_help"]
+
+
+class CostRule:
+    """A rule that scores every rank and takes the lowest (ties: least queued work, then rotate)."""
+
+    name = ""
+    reads_capacity = False
+
+    def costs(self, view: RankView) -> Sequence[float]:
+        raise NotImplementedError
+
+    def choose(self, view: RankView, rotation: int) -> Choice:
+        costs = list(self.costs(view))
+        rank, tie = pick_lowest(costs, view.queued, rotation)
+        return Choice(rank, tie, costs)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Kvmul(CostRule):
+    """LMetric (arXiv 2603.15202): (queued + uncached) * (running + waiting + 1)."""
+
+    name = "kvmul"
+
+    def costs(self, view: RankView) -> list[float]:
+        return kvmul_scores(view.queued, view.uncached, view.batch)
+
+
+class CacheOnly(CostRule):
+    """Most cached tokens wins (pure affinity)."""
+
+    name = "cache_only"
+
+    def costs(self, view: RankView) -> list[float]:
+        return [-c for c in view.cached]
+
+
+class LoadOnly(CostRule):
+    """Fewest running + waiting requests wins (SGLang's total_requests, with exact in-flight counts)."""
+
+    name = "load_only"
+
+    def costs(self, view: RankView) -> list[float]:
+        return view.batch
+
+
+class VllmV1(CostRule):
+    """vLLM v1's DP load balancer (DPLBAsyncMPClient): argmin 4 * waiting + running; cache-blind."""
+
+    name = "vllm_v1"
+
+    def costs(self, view: RankView) -> list[float]:
+        return [4 * w + r for r, w in zip(view.running, view.waiting, strict=True)]
+
+
+class TotalTokens(CostRule):
+    """SGLang's `total_tokens`: fewest KV tokens held or about to be held (num_total_tokens). For the
+    simulator; the live controller runs SGLang's own with `--load-balance-method total_tokens`."""
+
+    name = "total_tokens"
+
+    def costs(self, view: RankView) -> Sequence[float]:
+        return view.kv_tokens
+
+
+class Linear(CostRule):
+    """alpha * uncached/prompt + (1 - alpha) * batch/max_batch: the tuned linear combinator of
+    normalised scorers (llm-d's weighted sum, Bailian-style production rules), alpha in [0, 1]."""
+
+    def __init__(self, alpha: float) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"linear:<alpha> needs alpha in [0, 1], got {alpha}")
+        self.alpha = alpha
+        self.name = f"linear:{alpha:g}"
+
+    def costs(self, view: RankView) -> list[float]:
+        a, top, n = self.alpha, max(1, max(view.batch)), max(1, view.prompt_len)
+        return [a * u / n + (1 - a) * b / top for u, b in zip(view.uncached, view.batch, strict=True)]
+
+
+class Dynamo(CostRule):
+    """NVIDIA Dynamo's KV router cost (router-concepts.md), in blocks of the page size:
+    prefill_load_scale * max(active_prefill + prompt - credit * overlap, 0) + active_decode + prompt."""
+
+    name = "dynamo"
+
+    def __init__(self, prefill_load_scale: float = 1.0, overlap_credit: float = 1.0) -> None:
+        self.prefill_load_scale = prefill_load_scale
+        self.overlap_credit = overlap_credit
+
+    def costs(self, view: RankView) -> list[float]:
+        ps = view.page_size
+        incoming = view.prompt_len / ps
+        out = []
+        for q, c, kv in zip(view.queued, view.cached, view.kv_tokens, strict=True):
+            adjusted = max(q / ps + incoming - self.overlap_credit * c / ps, 0.0)
+            out.append(self.prefill_load_scale * adjusted + kv / ps + incoming)
+        return out
+
+
+class SglangCacheAware(CostRule):
+    """SGLang model gateway `cache_aware` (cache_aware.rs, Rust `CacheAwareConfig::default()`):
+    if (max_load - min_load) > balance_abs and max_load > balance_rel * min_load: least load;
+    elif best match rate > cache_threshold: best-matching rank; else least load. Load = requests."""
+
+    name = "sglang_cache_aware"
+
+    def __init__(self, cache_threshold: float = 0.5, balance_abs: int = 32, balance_rel: float = 1.1) -> None:
+        self.cache_threshold = cache_threshold
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+
+    def costs(self, view: RankView) -> list[float]:
+        load = view.batch
+        imbalanced = max(load) - min(load) > self.balance_abs and max(load) > self.balance_rel * min(load)
+        best_rate = max(view.cached) / max(1, view.prompt_len)
+        if not imbalanced and best_rate > self.cache_threshold:
+            return [-c for c in view.cached]
+        return load
+
+
+class RoundRobin:
+    """SGLang's `round_robin`: the next rank in turn, blind to cache and load. For the simulator;
+    the live controller runs SGLang's own with `--load-balance-method round_robin`."""
+
+    name = "round_robin"
+    reads_capacity = False
+
+    def choose(self, view: RankView, rotation: int) -> Choice:
+        n = len(view.cached)
+        return Choice(rotation % n, True, [0.0] * n)  # a "tie" every time, so the router advances the turn
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A registered rule: how `--kvmul-policy` names it, one line of help, and how to build it
+    (`make(arg)`; `arg` is the text after `name:` or None; `arg_help` says what it takes)."""
+
+    name: str
+    summary: str
+    make: Callable[[str | None], Rule]
+    arg_help: str | None = None
+
+
+def _plain(cls: Callable[[], Rule]) -> Callable[[str | None], Rule]:
+    def make(arg: str | None) -> Rule:
+        if arg is not None:
+            raise ValueError(f"rule {cls.name!r} takes no argument, got {arg!r}")  # type: ignore[attr-defined]
+        return cls()
+
+    return make
+
+
+def _linear(arg: str | None) -> Rule:
+    try:
+        alpha = float(arg)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"linear:<alpha> needs a number in [0, 1], got {arg!r}") from None
+    return Linear(alpha)
+
+
+REGISTRY: dict[str, RuleSpec] = {
+    s.name: s
+    for s in (
+        RuleSpec("kvmul", "the LMetric product (queued + uncached) * (batch + 1); the default", _plain(Kvmul)),
+        RuleSpec("kvmul_guard", "kvmul behind detectors for saturation, speed spread, backlog", _plain(GuardedKvmul)),
+        RuleSpec("cache_only", "most cached tokens (pure affinity)", _plain(CacheOnly)),
+        RuleSpec("load_only", "fewest running + waiting requests", _plain(LoadOnly)),
+        RuleSpec("vllm_v1", "vLLM v1's balancer, 4 * waiting + running", _plain(VllmV1)),
+        RuleSpec("linear", "alpha * uncached share + (1 - alpha) * batch share", _linear, "alpha in [0, 1]"),
+        RuleSpec("dynamo", "NVIDIA Dynamo's KV router cost", _plain(Dynamo)),
+        RuleSpec("sglang_cache_aware", "the SGLang gateway's cache_aware policy", _plain(SglangCacheAware)),
+        RuleSpec("round_robin", "SGLang's round_robin (simulator)", _plain(RoundRobin)),
+        RuleSpec("total_tokens", "SGLang's total_tokens (simulator)", _plain(TotalTokens)),
+    )
+}
+
+
+def _spelling(spec: RuleSpec) -> str:
+    return f"{spec.name}:<{spec.arg_help.split()[0]}>" if spec.arg_help else spec.name
+
+
+def rule_by_name(text: str) -> Rule:
+    """A fresh rule from its registered spelling (`kvmul`, `linear:0.5`, ...); a clear ValueError otherwise."""
+    name, sep, arg = text.partition(":")
+    spec = REGISTRY.get(name)
+    if spec is None:
+        choices = ", ".join(_spelling(s) for s in REGISTRY.values())
+        raise ValueError(f"unknown routing rule {text!r}; choose from {choices}")
+    if spec.arg_help and not sep:
+        raise ValueError(f"rule {name!r} needs an argument: {_spelling(spec)} ({spec.arg_help})")
+    return spec.make(arg if sep else None)
+
+
+def rule_help() -> str:
+    """One line per registered rule, for `--kvmul-policy`'s help."""
+    return "; ".join(f"{_spelling(s)}: {s.summary}" for s in REGISTRY.values())

@@ -1,0 +1,46 @@
+"""The LMetric score, `(queued + uncached) * (batch + 1)`, and the argmin every rule shares.
+
+Pure functions on plain numbers: the live controller, the guard and the simulator all call these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def kvmul_scores(
+    queued_uncached: Sequence[int],
+    uncached: Sequence[int],
+    batch_sizes: Sequence[int],
+    time_per_token: Sequence[float] | None = None,
+) -> list[float]:
+    """Every rank's score for one request: the prefill work it would wait behind and add, times the
+    batch it would join. The +1 keeps idle ranks (batch 0) distinguishable by their prefill work
+    (LMetric's own choice). `time_per_token` counts the prefill work in each rank's measured time
+    instead of tokens (the guard's remedy for ranks of different speed). Inlined: it runs for every
+    rank of every request."""
+    if time_per_token is None:
+        return [
+            ((q if q > 0 else 0) + (u if u > 0 else 0)) * ((b if b > 0 else 0) + 1)
+            for q, u, b in zip(queued_uncached, uncached, batch_sizes, strict=True)
+        ]
+    return [
+        ((q if q > 0 else 0) + (u if u > 0 else 0)) * t * ((b if b > 0 else 0) + 1)
+        for q, u, b, t in zip(queued_uncached, uncached, batch_sizes, time_per_token, strict=True)
+    ]
+
+
+def pick_lowest(scores: Sequence[float], queued_uncached: Sequence[int], rotation: int) -> tuple[int, bool]:
+    """Index of the lowest score, and whether it was a tie; ties go to the least queued work, then rotate.
+
+    Rotating (instead of always the first index) stops idle, equally cached ranks from all
+    sending their ties to rank 0, which would build a hotspot there.
+    """
+    if not scores:
+        raise ValueError("no ranks to choose from")
+    best = min(scores)
+    tied = [i for i, s in enumerate(scores) if s == best]
+    if len(tied) > 1:
+        least = min(queued_uncached[i] for i in tied)
+        tied = [i for i in tied if queued_uncached[i] == least]
+    return tied[rotation % len(tied)], len(tied) > 1

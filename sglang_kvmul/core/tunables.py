@@ -1,0 +1,17 @@
+"""The core's few named constants, each with why it has its value. None is a scoring weight: they
+are detector thresholds and bookkeeping bounds, the same for every workload.
+
+The serving layer's knobs (poll period, event slices, session table) live in `serving.settings`.
+"""
+
+# load_ledger: an idle scheduler picks up a request within this long of its dispatch, so on an idle
+# snapshot only what was sent in this window can still be queued (bounds drift from mispredictions).
+RECV_SLACK_S = 0.01
+# load_ledger: prefilled tokens before a rank's measured prefill speed is trusted (a few chunks).
+MIN_TOKENS_FOR_SPEED = 16384
+# guard: measured prefill speeds closer than this ratio are noise, not a speed spread.
+SPEED_SPREAD = 1.25
+# pending: an in-flight prompt not confirmed by events or the prefill counter by then is dropped;
+# at most this many per rank are credited (a burst beyond it is scored on the mirror alone).
+PENDING_TTL_S = 30.0
+PENDING_MAX_ENTRIES = 256

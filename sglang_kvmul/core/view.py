@@ -1,0 +1,58 @@
+"""What a routing rule sees (`RankView`), what it returns (`Choice`), and the interface it implements.
+
+Every rule gets the same exact cache figures (from the mirror) and the same load ledger, so a
+comparison between rules measures the rule, not the quality of its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class RankView:
+    """What every rule may use about every rank, for one request."""
+
+    prompt_len: int
+    cached: Sequence[int]  # tokens each rank would serve from cache
+    queued: Sequence[int]  # queued uncached prefill tokens
+    running: Sequence[int]
+    waiting: Sequence[int]
+    kv_tokens: Sequence[int]  # KV tokens held by the rank's requests
+    page_size: int
+    # Capacities and measured speed from the load snapshots (empty or 0: not reported). The router
+    # fills them only for a rule with `reads_capacity` (they cost a pass over the ranks per request).
+    max_running: Sequence[int] = ()
+    max_kv_tokens: Sequence[int] = ()
+    prefill_us_per_token: Sequence[float] = ()
+
+    @property
+    def uncached(self) -> list[int]:
+        return [self.prompt_len - c for c in self.cached]
+
+    @property
+    def batch(self) -> list[int]:
+        return [r + w for r, w in zip(self.running, self.waiting, strict=True)]
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A rule's decision: the rank, whether the tie rotation picked it among equals, and its cost per
+    rank (finite; lowest wins). `excluded` marks ranks the rule ruled out before comparing costs."""
+
+    rank: int
+    tie: bool
+    costs: list[float]
+    excluded: tuple[int, ...] = field(default=())
+
+
+class Rule(Protocol):
+    """A routing rule: a stable `name` (as `--kvmul-policy` spells it), whether it reads the capacity
+    and speed fields of the view, and the choice for one request. `rotation` breaks ties."""
+
+    name: str
+    reads_capacity: bool
+
+    def choose(self, view: RankView, rotation: int) -> Choice: ...

@@ -1,0 +1,145 @@
+"""SGLang's DataParallelController with the `kvmul` method added (installed by `plugin.register`).
+
+With any other `--load-balance-method` every method of the stock controller runs unchanged. With
+`kvmul` the controller additionally:
+  * subscribes to every rank's KV events and keeps an exact mirror of its radix cache,
+  * routes each request through `dispatcher.KvmulDispatcher` (the rule, sessions, pinned ranks,
+    per-request errors instead of dying),
+  * waits on a `zmq.Poller` instead of spinning a core.
+Control messages (abort, flush, sessions, weights, ...) and health checks keep the stock paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import zmq
+from sglang.srt.disaggregation.kv_events import uses_dynamo_format
+from sglang.srt.managers.data_parallel_controller import DataParallelController
+from sglang.srt.managers.io_struct import CloseSessionReqInput, sock_recv
+from sglang.srt.runtime_context import describe_kv_events_publisher, get_parallel, get_schedule
+from sglang.srt.utils.network import get_zmq_socket
+
+from sglang_kvmul import METHOD_NAME
+from sglang_kvmul.core.router import KvmulRouter
+from sglang_kvmul.core.rules import rule_by_name
+from sglang_kvmul.serving.dispatch_loop import DispatchLoop
+from sglang_kvmul.serving.dispatcher import KvmulDispatcher
+from sglang_kvmul.serving.kv_events import RankEventStream, rank_endpoint
+from sglang_kvmul.serving.metrics import KvmulCollector, serve
+from sglang_kvmul.serving.settings import KvmulSettings
+
+logger = logging.getLogger(__name__)
+
+
+def is_kvmul(method: str | None) -> bool:
+    return (method or "").lower() == METHOD_NAME
+
+
+class KvmulDataParallelController(DataParallelController):
+    """Stock controller + the `kvmul` dispatch method."""
+
+    kvmul: KvmulDispatcher | None = None
+
+    def __init__(self, server_args: Any, port_args: Any, *args: Any, **kwargs: Any) -> None:
+        self.kvmul_settings = KvmulSettings.from_env()
+        self.kvmul_enabled = is_kvmul(get_parallel().load_balance_method)
+        super().__init__(server_args, port_args, *args, **kwargs)
+        if self.kvmul_enabled and get_parallel().node_rank == 0:
+            self._init_kvmul(server_args, port_args)
+
+    # ---- setup -----------------------------------------------------------------------------
+    def _init_kvmul(self, server_args: Any, port_args: Any) -> None:
+        settings = self.kvmul_settings
+        num_ranks = get_parallel().num_dp_ranks
+        page_size = int(get_schedule().page_size or 1)
+        dynamo_events = uses_dynamo_format(server_args.kv_events_config)
+        router = KvmulRouter(num_ranks, page_size, dynamo_events=dynamo_events, rule=rule_by_name(settings.policy))
+        streams = self._event_streams(server_args, num_ranks, page_size)
+        self.kvmul = KvmulDispatcher(
+            router,
+            self.workers,
+            get_zmq_socket(self.context, zmq.PUSH, port_args.tokenizer_ipc_name, False),
+            streams,
+            settings,
+            active_ranks=lambda: self._active_workers,
+            read_snapshots=self.load_snapshot_reader.read_all,
+        )
+        self.kvmul.catch_up()
+        self.dispatching = self.kvmul.dispatch
+        if settings.metrics_port is not None:
+            serve(KvmulCollector(self.kvmul), settings.metrics_port, settings.metrics_host)
+            logger.info(
+                "kvmul: Prometheus metrics on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port
+            )
+        logger.info(
+            "kvmul (%s): rule %s, %d DP ranks, page size %d, %s-format KV events %s",
+            __name__,
+            router.rule.name,
+            num_ranks,
+            page_size,
+            "dynamo" if dynamo_events else "default",
+            [s.endpoint for s in streams] or "off",
+        )
+
+    def _event_streams(self, server_args: Any, num_ranks: int, page_size: int) -> list[RankEventStream]:
+        desc = describe_kv_events_publisher(server_args)
+        if desc is None:
+            logger.warning(
+                "kvmul: no ZMQ KV-event publisher is configured (--kv-events-config); routing by load and "
+                "in-flight prompts only. sglang_kvmul.launch_server configures one automatically."
+            )
+            return []
+        if int(desc["block_size"]) != page_size:
+            logger.warning("kvmul: event block size %s != page size %s", desc["block_size"], page_size)
+        host = desc["endpoint_host"]
+        host = "127.0.0.1" if host in ("*", "0.0.0.0", "::") else host
+        base = f"tcp://{host}:{desc['endpoint_port_base']}"
+        replay = desc.get("replay_endpoint_port_base")
+        replay_base = f"tcp://{host}:{replay}" if replay else None
+        return [
+            RankEventStream(
+                self.context,
+                r,
+                rank_endpoint(base, r),
+                rank_endpoint(replay_base, r) if replay_base else None,
+                topic=desc.get("topic") or "",
+                replay_timeout_ms=self.kvmul_settings.replay_timeout_ms,
+            )
+            for r in range(num_ranks)
+        ]
+
+    # ---- dispatch --------------------------------------------------------------------------
+    def dispatching_with_trace(self, req: Any, refresh_load_budget: bool = True) -> None:
+        if self.kvmul is None:
+            return super().dispatching_with_trace(req, refresh_load_budget)
+        try:
+            super().dispatching_with_trace(req, refresh_load_budget)
+        except Exception as exc:  # the stock wrapper around our dispatch (health checks, time stats)
+            self.kvmul.reject(req, exc)
+
+    def send_control_message(self, obj: Any) -> None:
+        if self.kvmul is not None and isinstance(obj, CloseSessionReqInput):
+            self.kvmul.close_session(obj.session_id)
+        super().send_control_message(obj)
+
+    # ---- loop ------------------------------------------------------------------------------
+    def event_loop(self) -> None:
+        settings = self.kvmul_settings
+        if self.kvmul is None and not settings.poll_all_methods:
+            return super().event_loop()
+        streams = self.kvmul.streams if self.kvmul is not None else ()
+        ingest = self.kvmul.ingest if self.kvmul is not None else (lambda stream, n: None)
+        loop = DispatchLoop(self.recv_from_tokenizer, streams, self._drain_requests, ingest, settings.slice_batches)
+        while True:
+            self.soft_watchdog.feed()
+            loop.run_once(settings.poll_ms)
+
+    def _drain_requests(self) -> None:
+        while True:
+            try:
+                recv_req = sock_recv(self.recv_from_tokenizer, flags=zmq.NOBLOCK)
+            except zmq.Again:  # nothing more waiting (a real socket error must not pass for this)
+                return
+            self._request_dispatcher(recv_req)

@@ -1,0 +1,170 @@
+"""The kvmul dispatch path of the controller: route or pin, book, send; answer what cannot be sent.
+
+Held apart from SGLang's controller class (whose constructor starts the schedulers), so that it can
+be built and tested on real sockets alone. Every request ends in exactly one of {sent to one rank,
+answered with a per-request error}: the rank is decided and the request booked before anything is
+sent, and nothing raised on the way (a bad request, a bug in a rule) leaves this class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import zmq
+from sglang.srt.managers.io_struct import AbortReq, sock_send
+
+from sglang_kvmul.core.block_hash import CacheNamespace
+from sglang_kvmul.core.prefix import max_prefix_len
+from sglang_kvmul.core.router import Decision, KvmulRouter
+from sglang_kvmul.serving.kv_events import RankEventStream
+from sglang_kvmul.serving.settings import KvmulSettings
+
+logger = logging.getLogger(__name__)
+
+
+class KvmulDispatcher:
+    """Routes requests to `workers[rank]` with `router`; rejections go to `to_tokenizer`."""
+
+    def __init__(
+        self,
+        router: KvmulRouter,
+        workers: Sequence[zmq.Socket | None],
+        to_tokenizer: zmq.Socket,
+        streams: Sequence[RankEventStream] = (),
+        settings: KvmulSettings | None = None,
+        active_ranks: Callable[[], Sequence[int]] | None = None,
+        read_snapshots: Callable[[], Iterable[Any]] | None = None,
+    ) -> None:
+        """`active_ranks()`: ranks SGLang currently serves with (elastic EP can change it; default all);
+        `read_snapshots()`: SGLang's latest per-rank load snapshots (objects with `dp_rank`)."""
+        self.router = router
+        self.workers = workers
+        self.to_tokenizer = to_tokenizer
+        self.streams = list(streams)
+        self.settings = settings or KvmulSettings()
+        self.active_ranks = active_ranks or (lambda: range(router.num_ranks))
+        self.read_snapshots = read_snapshots or (lambda: ())
+        self.sessions: OrderedDict[str, int] = OrderedDict()
+        self.rejected_requests = 0
+        self.ingest_errors = 0
+        self._last_snapshot_read = 0.0
+        path = self.settings.decision_log
+        self.decision_log = open(path, "a", buffering=1) if path else None  # noqa: SIM115
+
+    # ---- requests --------------------------------------------------------------------------
+    def dispatch(self, req: Any) -> None:
+        """Send `req` to one rank, or answer it with a 400; never raises."""
+        try:
+            rank, decision = self._decide(req)
+        except Exception as exc:  # a bad request must never take the controller down
+            self.reject(req, exc)
+            return
+        sock_send(self.workers[rank], req)
+        self._log_decision(req, decision)
+
+    def _decide(self, req: Any) -> tuple[int, Decision]:
+        """Choose and book the rank (nothing is sent here: a failure leaves no trace on any rank)."""
+        now = time.time()
+        self.refresh_snapshots(now)
+        tokens = req.input_ids if req.input_ids is not None else ()
+        namespace = CacheNamespace.of_request(
+            getattr(req, "cache_salt", None), getattr(req, "extra_key", None), getattr(req, "lora_id", None)
+        )
+        limit = max_prefix_len(
+            len(tokens), bool(getattr(req, "return_logprob", False)), getattr(req, "logprob_start_len", -1)
+        )
+        session = _session_key(req)
+        router = self.router
+        if req.routed_dp_rank is not None:
+            rank = req.routed_dp_rank
+            if not (isinstance(rank, int) and 0 <= rank < len(self.workers)) or self.workers[rank] is None:
+                raise ValueError(f"routed_dp_rank {rank!r} is not a DP rank (0..{len(self.workers) - 1})")
+            if rank not in self.active_ranks():
+                raise ValueError(f"DP rank {rank} is not active")
+            return rank, router.assign(rank, tokens, limit, now, namespace)
+        if session is not None and session in self.sessions:
+            self.sessions.move_to_end(session)
+            rank = self.sessions[session]
+            return rank, router.assign(rank, tokens, limit, now, namespace)
+        decision = router.route(tokens, limit, now, namespace)
+        if session is not None:
+            self.sessions[session] = decision.rank
+            if len(self.sessions) > self.settings.max_sticky_sessions:
+                self.sessions.popitem(last=False)
+        return decision.rank, decision
+
+    def reject(self, req: Any, exc: Exception) -> None:
+        self.rejected_requests += 1
+        logger.warning("kvmul: rejected request %s: %s", getattr(req, "rid", "?"), exc)
+        reason = {"type": "abort", "message": f"routing failed: {exc}", "status_code": 400}
+        sock_send(self.to_tokenizer, AbortReq(rid=req.rid, finished_reason=reason, abort_message=str(exc)))
+
+    def close_session(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    def refresh_snapshots(self, now: float) -> None:
+        """Fold in SGLang's latest load snapshots (at most every `snapshot_refresh_s`)."""
+        if now - self._last_snapshot_read < self.settings.snapshot_refresh_s:
+            return
+        self._last_snapshot_read = now
+        for snap in self.read_snapshots():
+            if 0 <= snap.dp_rank < self.router.num_ranks:
+                self.router.apply_snapshot(snap.dp_rank, snap, now)
+
+    def _log_decision(self, req: Any, d: Decision) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("kvmul: rid=%s rank=%d cached=%s scores=%s", req.rid, d.rank, d.cached, d.scores)
+        if self.decision_log is not None:
+            self.decision_log.write(json.dumps(decision_record(req, d), allow_nan=False) + "\n")
+
+    # ---- KV events -------------------------------------------------------------------------
+    def catch_up(self) -> None:
+        """Each rank's buffered history, for a controller that starts after its ranks published."""
+        for stream in self.streams:
+            self.router.apply_update(stream.rank, stream.catch_up())
+
+    def ingest(self, stream: RankEventStream, max_batches: int | None = None) -> None:
+        """Apply (at most `max_batches` of) one rank's waiting KV events; a failure here must never
+        reach request dispatch: the rank is marked stale (scored by load) and counted."""
+        try:
+            for update in stream.drain(max_batches):
+                self.router.apply_update(stream.rank, update)
+        except Exception:
+            self.ingest_errors += 1
+            self.router.mark_stale(stream.rank)
+            logger.exception("kvmul: rank %d: KV-event ingestion failed; rank marked stale", stream.rank)
+
+    def counters(self) -> dict[str, int]:
+        return {"rejected_requests": self.rejected_requests, "ingest_errors": self.ingest_errors}
+
+
+def decision_record(req: Any, d: Decision) -> dict:
+    """One line of the decision log (JSON-safe: scores are finite, excluded ranks are listed)."""
+    return {
+        "t": time.time(),
+        "rid": req.rid,
+        "rank": d.rank,
+        "prompt_len": d.prompt_len,
+        "predicted_cached": d.predicted_cached,
+        "cached": d.cached,
+        "from_pending": d.from_pending,
+        "queued": d.queued,
+        "batch": d.batch,
+        "scores": d.scores,
+        "excluded": list(d.excluded),
+        "pinned": req.routed_dp_rank is not None,
+        # identifies a shared-prefix group in offline analysis (demo, benchmarks)
+        "prefix_fp": hash(tuple(req.input_ids[:64])) if req.input_ids is not None else None,
+    }
+
+
+def _session_key(req: Any) -> str | None:
+    params = getattr(req, "session_params", None)
+    if params is not None and params.id is not None:
+        return params.id
+    return getattr(req, "session_id", None)
