@@ -144,16 +144,8 @@ def dynamo_removed(ev: BlockRemoved, event_id: int) -> bytes:
 
 
 # ---- one rank count ----------------------------------------------------------------------
-def run_ranks(n_ranks: int, args: argparse.Namespace, rng: np.random.Generator, core) -> list[dict]:
-    ps = args.page_size
-    longest = max(args.prompts) // 2 + ps
-    systems = [rng.integers(0, VOCAB, 2048).tolist() for _ in range(4)]
-    built = [rank_prompts(rng, systems, args.tokens_per_rank, longest) for _ in range(n_ranks)]
-    per_rank = [stored_events(p, ps) for p, _ in tqdm(built, desc=f"{n_ranks} ranks: events", leave=False)]
-    session = built[0][1]
-    del built
-    stored_tokens = sum(len(e.token_ids) for evs in per_rank for e in evs)
-
+def _ingest_ours(n_ranks: int, ps: int, per_rank: list, stored_tokens: int, seed: int) -> dict:
+    """Our router: ingest every rank's events, remove 10% of the leaves, restore them (all timed)."""
     router = KvmulRouter(n_ranks, ps)
     t0 = time.perf_counter()
     for r, evs in enumerate(per_rank):
@@ -161,8 +153,7 @@ def run_ranks(n_ranks: int, args: argparse.Namespace, rng: np.random.Generator, 
     ingest_s = time.perf_counter() - t0
     mirrored = sum(m.num_tokens for m in router.mirrors)
     assert mirrored == stored_tokens, (mirrored, stored_tokens)
-
-    pyrng = random.Random(n_ranks)
+    pyrng = random.Random(seed)
     removals = [leaf_removals(evs, pyrng, 0.1) for evs in per_rank]
     t0 = time.perf_counter()
     for r, evs in enumerate(removals):
@@ -176,39 +167,56 @@ def run_ranks(n_ranks: int, args: argparse.Namespace, rng: np.random.Generator, 
     for r, evs in enumerate(restore):
         router.apply_events(r, evs)
     assert sum(m.num_tokens for m in router.mirrors) == stored_tokens
+    return {"router": router, "ingest_s": ingest_s, "remove_s": remove_s, "removed_pages": removed_pages,
+            "removals": removals, "restore": restore}  # fmt: skip
 
-    mem = None
-    if n_ranks <= args.tracemalloc_max_ranks:
-        tracemalloc.start()
-        probe = KvmulRouter(n_ranks, ps)
-        for r, evs in enumerate(per_rank):
-            probe.apply_events(r, evs)
-        mem = tracemalloc.get_traced_memory()[0] / stored_tokens
-        tracemalloc.stop()
-        del probe
 
-    dyn = None
-    if core is not None:
-        tree = core.RadixTree()
-        encoded = [[dynamo_stored(e, core, ps, i) for i, e in enumerate(evs)] for evs in per_rank]
-        rss0 = rss_bytes()
-        t0 = time.perf_counter()
-        for r, evs in enumerate(encoded):
-            for b in evs:
-                tree.apply_event(r, b)
-        dyn_ingest_s = time.perf_counter() - t0
-        dyn_mem = (rss_bytes() - rss0) / stored_tokens
-        rm_encoded = [[dynamo_removed(e, 10**6 + i) for i, e in enumerate(evs)] for evs in removals]
-        t0 = time.perf_counter()
-        for r, evs in enumerate(rm_encoded):
-            for b in evs:
-                tree.apply_event(r, b)
-        dyn_remove_s = time.perf_counter() - t0
-        for r, evs in enumerate(restore):
-            for i, e in enumerate(evs):
-                tree.apply_event(r, dynamo_stored(e, core, ps, 2 * 10**6 + i))
-        dyn = {"tree": tree, "ingest_s": dyn_ingest_s, "remove_s": dyn_remove_s, "mem": dyn_mem}
+def _memory_per_token(n_ranks: int, ps: int, per_rank: list, stored_tokens: int) -> float:
+    tracemalloc.start()
+    probe = KvmulRouter(n_ranks, ps)
+    for r, evs in enumerate(per_rank):
+        probe.apply_events(r, evs)
+    mem = tracemalloc.get_traced_memory()[0] / stored_tokens
+    tracemalloc.stop()
+    return mem
 
+
+def _ingest_dynamo(core, ps: int, per_rank: list, ours: dict, stored_tokens: int) -> dict:
+    """Dynamo's RadixTree given the same events, removals and restores."""
+    tree = core.RadixTree()
+    encoded = [[dynamo_stored(e, core, ps, i) for i, e in enumerate(evs)] for evs in per_rank]
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    for r, evs in enumerate(encoded):
+        for b in evs:
+            tree.apply_event(r, b)
+    ingest_s = time.perf_counter() - t0
+    mem = (rss_bytes() - rss0) / stored_tokens
+    rm_encoded = [[dynamo_removed(e, 10**6 + i) for i, e in enumerate(evs)] for evs in ours["removals"]]
+    t0 = time.perf_counter()
+    for r, evs in enumerate(rm_encoded):
+        for b in evs:
+            tree.apply_event(r, b)
+    remove_s = time.perf_counter() - t0
+    for r, evs in enumerate(ours["restore"]):
+        for i, e in enumerate(evs):
+            tree.apply_event(r, dynamo_stored(e, core, ps, 2 * 10**6 + i))
+    return {"tree": tree, "ingest_s": ingest_s, "remove_s": remove_s, "mem": mem}
+
+
+def run_ranks(n_ranks: int, args: argparse.Namespace, rng: np.random.Generator, core) -> list[dict]:
+    ps = args.page_size
+    longest = max(args.prompts) // 2 + ps
+    systems = [rng.integers(0, VOCAB, 2048).tolist() for _ in range(4)]
+    built = [rank_prompts(rng, systems, args.tokens_per_rank, longest) for _ in range(n_ranks)]
+    per_rank = [stored_events(p, ps) for p, _ in tqdm(built, desc=f"{n_ranks} ranks: events", leave=False)]
+    session = built[0][1]
+    del built
+    stored_tokens = sum(len(e.token_ids) for evs in per_rank for e in evs)
+    ours = _ingest_ours(n_ranks, ps, per_rank, stored_tokens, seed=n_ranks)
+    router = ours["router"]
+    mem = _memory_per_token(n_ranks, ps, per_rank, stored_tokens) if n_ranks <= args.tracemalloc_max_ranks else None
+    dyn = _ingest_dynamo(core, ps, per_rank, ours, stored_tokens) if core is not None else None
     rows = []
     for plen in args.prompts:
         shared = session[: plen // 2]
@@ -225,26 +233,34 @@ def run_ranks(n_ranks: int, args: argparse.Namespace, rng: np.random.Generator, 
             "decision_median_us": dec_med,
             "decision_p90_us": dec_p90,
             "match_median_us": match_med,
-            "ingest_tokens_per_s": stored_tokens / ingest_s,
-            "remove_tokens_per_s": removed_pages * ps / remove_s,
+            "ingest_tokens_per_s": stored_tokens / ours["ingest_s"],
+            "remove_tokens_per_s": ours["removed_pages"] * ps / ours["remove_s"],
             "bytes_per_mirrored_token": mem,
             "mirrored_tokens_per_rank": stored_tokens / n_ranks,
             "segments": router.index.num_segments,
         }
         if dyn is not None:
-            tree = dyn["tree"]
-
-            def dyn_decide(p=prompt, tree=tree):
-                return tree.find_matches(core.compute_block_hash_for_seq(p, ps))
-
-            scores = dyn_decide().scores
-            assert scores.get((0, 0), 0) * ps >= len(shared) - len(shared) % ps, scores  # same deep walk
-            row["dynamo_median_us"], row["dynamo_p90_us"] = median_us(dyn_decide, args.repeats)
-            row["dynamo_ingest_tokens_per_s"] = stored_tokens / dyn["ingest_s"]
-            row["dynamo_remove_tokens_per_s"] = removed_pages * ps / dyn["remove_s"]
-            row["dynamo_bytes_per_token_rss"] = dyn["mem"]
+            row |= _dynamo_row(core, dyn, prompt, shared, ps, args.repeats, stored_tokens, ours["removed_pages"])
         rows.append(row)
     return rows
+
+
+def _dynamo_row(core, dyn: dict, prompt, shared, ps: int, repeats: int, stored_tokens: int, removed: int) -> dict:
+    tree = dyn["tree"]
+
+    def dyn_decide(p=prompt, tree=tree):
+        return tree.find_matches(core.compute_block_hash_for_seq(p, ps))
+
+    scores = dyn_decide().scores
+    assert scores.get((0, 0), 0) * ps >= len(shared) - len(shared) % ps, scores  # same deep walk
+    med, p90 = median_us(dyn_decide, repeats)
+    return {
+        "dynamo_median_us": med,
+        "dynamo_p90_us": p90,
+        "dynamo_ingest_tokens_per_s": stored_tokens / dyn["ingest_s"],
+        "dynamo_remove_tokens_per_s": removed * ps / dyn["remove_s"],
+        "dynamo_bytes_per_token_rss": dyn["mem"],
+    }
 
 
 TARGETS = {(16, 32768): 200.0, (16, 131072): 1000.0}

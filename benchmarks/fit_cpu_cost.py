@@ -54,6 +54,30 @@ async def _batch(url: str, prompts: list[list[int]], out: int) -> list[tuple[flo
         return await asyncio.gather(*(_one(session, url, p, out) for p in prompts))
 
 
+def plot(prefill: list, decode: list, pre: tuple, dec: tuple, path) -> None:
+    """Measured points and the fitted curves, prefill and decode side by side."""
+    (pa, pb, pc), (da, db, dc) = pre, dec
+    n, t = np.array(prefill, dtype=float).T
+    b, s = np.array(decode, dtype=float).T
+    plt = pyplot()
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(n, t, "o", label="measured")
+    xs = np.linspace(0, n.max(), 50)
+    ax1.plot(xs, pa + pb * xs + pc * xs * xs / 2, "-", label="fit")
+    ax1.set_xlabel("prompt tokens")
+    ax1.set_ylabel("TTFT (s)")
+    ax1.legend()
+    ax2.plot(b, s, "o", label="measured")
+    xs = np.linspace(1, b.max(), 50)
+    ax2.plot(xs, da + db * xs + dc * xs * 80, "-", label="fit")
+    ax2.set_xlabel("decode batch")
+    ax2.set_ylabel("time per decode step (s)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="bench")
@@ -103,23 +127,7 @@ def main() -> None:
     (work / "cpu_cost_fit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    plt = pyplot()
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(n, t, "o", label="measured")
-    xs = np.linspace(0, n.max(), 50)
-    ax1.plot(xs, pa + pb * xs + pc * xs * xs / 2, "-", label="fit")
-    ax1.set_xlabel("prompt tokens")
-    ax1.set_ylabel("TTFT (s)")
-    ax1.legend()
-    ax2.plot(b, s, "o", label="measured")
-    xs = np.linspace(1, b.max(), 50)
-    ax2.plot(xs, da + db * xs + dc * xs * 80, "-", label="fit")
-    ax2.set_xlabel("decode batch")
-    ax2.set_ylabel("time per decode step (s)")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(work / "cpu_cost_fit.png", dpi=100)
+    plot(prefill, decode, (pa, pb, pc), (da, db, dc), work / "cpu_cost_fit.png")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,13 @@ class KvmulCollector(Collector):
             [m.orphan_blocks for m in r.mirrors],
         )
         yield CounterMetricFamily("kvmul_unknown_events", "KV events of an unknown type", value=st.unknown_events)
+        yield from self._stream_families()
+        for name, value in self.dispatcher.counters().items():
+            yield CounterMetricFamily(f"kvmul_{name}", name.replace("_", " "), value=value)
+
+    def _stream_families(self) -> Iterator[CounterMetricFamily]:
+        """The event streams' counters, per rank."""
+        rank = ["rank"]
         for name, doc, attr in (
             ("kvmul_event_batches", "KV-event batches received live", "batches"),
             ("kvmul_replayed_batches", "KV-event batches fetched from the replay endpoint", "replayed_batches"),
@@ -92,8 +99,6 @@ class KvmulCollector(Collector):
             for s in self.streams:
                 family.add_metric([str(s.rank)], getattr(s.stats, attr))
             yield family
-        for name, value in self.dispatcher.counters().items():
-            yield CounterMetricFamily(f"kvmul_{name}", name.replace("_", " "), value=value)
 
 
 def serve(collector: KvmulCollector, port: int, host: str = "127.0.0.1") -> None:
