@@ -22,8 +22,8 @@ def write_results(name: str, doc: str, report: dict, table: str, *, write_json: 
     path = RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
     if write_json:
-        path.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    header = f"# {Path(name).name}\n\n{doc.strip()}\n\nConfig: `{json.dumps(report['config'])}`\n\n"
+        path.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    header = f"# {Path(name).name}\n\n{doc.strip()}\n\nConfig: `{json.dumps(report['config'], default=str)}`\n\n"
     path.with_suffix(".md").write_text(header + table.rstrip("\n") + "\n")
     print(table)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.common import DEFAULT_TRACE, RESULTS, add_trace_arg, pyplot, stats, trace_path
+from benchmarks.common import DEFAULT_TRACE, RESULTS, add_trace_arg, pyplot, stats, trace_path, write_results
 from sglang_kvmul.sim import workloads
 from sglang_kvmul.sim.cost import PROFILES
 from sglang_kvmul.sim.engine import SimConfig, Simulation
@@ -142,11 +142,7 @@ def versus(rows: list[dict]) -> list[str]:
 
 
 def _save(name: str, config: dict, rows: list[dict], md: list[str]) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1))
-    text = f"# {name}\n\n{__doc__.strip()}\n\nConfig: `{json.dumps(config)}`\n\n" + "\n".join(md) + "\n"
-    (OUT / f"{name}.md").write_text(text)
-    print(text)
+    write_results(f"sim/{name}", __doc__, {"config": config, "rows": rows}, "\n".join(md))
 
 
 def cmd_table(args: argparse.Namespace) -> None:

@@ -31,14 +31,16 @@ class Server:
         self.decision_log = decision_log
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
-    def generate(self, input_ids: list[int], rid: str, max_new_tokens: int = 8, **extra: object) -> requests.Response:
+    def generate(
+        self, input_ids: list[int], rid: str, max_new_tokens: int = 8, timeout: float = 120, **extra: object
+    ) -> requests.Response:
         body = {
             "input_ids": input_ids,
             "rid": rid,
             "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
             **extra,
         }
-        return requests.post(self.url + "/generate", json=body, timeout=120)
+        return requests.post(self.url + "/generate", json=body, timeout=timeout)
 
     def metric(self, name: str) -> dict[str, float]:
         """A per-rank metric of the controller, by rank label (one scrape)."""

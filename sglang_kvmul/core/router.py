@@ -17,7 +17,14 @@ from sglang_kvmul.core.pending import PendingPrefixes
 from sglang_kvmul.core.prefix import cached_tokens
 from sglang_kvmul.core.radix_index import SharedRadixIndex
 from sglang_kvmul.core.rules import Kvmul
+from sglang_kvmul.core.score import pick_lowest
 from sglang_kvmul.core.view import RankView, Rule
+
+_INF = float("inf")
+
+
+class NoRankAvailable(RuntimeError):
+    """Every rank is down: the request cannot be served by this server."""
 
 
 @dataclass
@@ -81,6 +88,8 @@ class KvmulRouter:
         # A stale rank lost KV events for good: its mirror is not trusted (scored as caching
         # nothing) until SGLang clears that cache (AllBlocksCleared) and the mirror restarts exact.
         self.stale = [False] * num_ranks
+        # A down rank (its process exited, its socket stopped accepting) gets no more requests.
+        self.down = [False] * num_ranks
         self.stats = RouterStats(
             per_rank_requests=[0] * num_ranks,
             per_rank_prompt_tokens=[0] * num_ranks,
@@ -126,9 +135,25 @@ class KvmulRouter:
             view.max_kv_tokens = [ld.max_kv_tokens for ld in loads]
             view.prefill_us_per_token = [ld.prefill_us_per_token for ld in loads]
         c = self.rule.choose(view, self._rotation)
-        return Decision(
-            c.rank, n, root, cached, from_pending, list(view.queued), view.batch, c.costs, c.tie, c.excluded
-        )
+        rank, tie, excluded = c.rank, c.tie, c.excluded
+        if self.down[rank]:  # the rule's own costs, among the ranks that are up (any rule, no special case)
+            live = [not d and r not in excluded for r, d in enumerate(self.down)]
+            if not any(live):
+                live = [not d for d in self.down]
+            if not any(live):
+                raise NoRankAvailable("every DP rank is down")
+            rank, tie = pick_lowest(
+                [x if ok else _INF for x, ok in zip(c.costs, live, strict=True)], view.queued, self._rotation
+            )
+            excluded = tuple(r for r, ok in enumerate(live) if not ok)
+        return Decision(rank, n, root, cached, from_pending, list(view.queued), view.batch, c.costs, tie, excluded)
+
+    def set_down(self, rank: int) -> bool:
+        """Take `rank` out of routing for good (a restarted rank comes back with a new server);
+        True the first time."""
+        first = not self.down[rank]
+        self.down[rank] = True
+        return first
 
     def commit(self, decision: Decision, tokens: Sequence[int], now: float) -> None:
         """Book a dispatched request on its rank (also used for requests pinned by the user)."""

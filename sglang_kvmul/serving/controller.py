@@ -12,8 +12,13 @@ Control messages (abort, flush, sessions, weights, ...) and health checks keep t
 from __future__ import annotations
 
 import logging
+import os
+import re
+import signal
+import time
 from typing import Any
 
+import psutil
 import zmq
 from sglang.srt.disaggregation.kv_events import uses_dynamo_format
 from sglang.srt.managers.data_parallel_controller import DataParallelController
@@ -31,6 +36,17 @@ from sglang_kvmul.serving.metrics import KvmulCollector, serve
 from sglang_kvmul.serving.settings import KvmulSettings
 
 logger = logging.getLogger(__name__)
+
+
+def _vocab_size(server_args: Any) -> int | None:
+    """The model's vocabulary size, as SGLang's tokenizer manager checks it (None: unknown, logged)."""
+    try:
+        from sglang.srt.configs.model_config import ModelConfig
+
+        return int(ModelConfig.from_server_args(server_args).vocab_size)
+    except Exception as exc:
+        logger.warning("kvmul: vocabulary size unknown (%s); token ids are checked for sign only", exc)
+        return None
 
 
 def is_kvmul(method: str | None) -> bool:
@@ -65,7 +81,9 @@ class KvmulDataParallelController(DataParallelController):
             settings,
             active_ranks=lambda: self._active_workers,
             read_snapshots=self.load_snapshot_reader.read_all,
+            vocab_size=_vocab_size(server_args),
         )
+        self._rank_procs = self._scheduler_procs_by_rank()
         self.kvmul.catch_up()
         self.dispatching = self.kvmul.dispatch
         if settings.metrics_port is not None:
@@ -119,6 +137,13 @@ class KvmulDataParallelController(DataParallelController):
         except Exception as exc:  # the stock wrapper around our dispatch (health checks, time stats)
             self.kvmul.reject(req, exc)
 
+    def dispatch_health_check(self, req: Any) -> None:
+        if self.kvmul is None:
+            return super().dispatch_health_check(req)
+        if req.routed_dp_rank is not None:  # the stock pinned path, but never blocking on a dead rank
+            return self.kvmul.dispatch(req)
+        self.kvmul.send_health_check(req)
+
     def send_control_message(self, obj: Any) -> None:
         if self.kvmul is not None and isinstance(obj, CloseSessionReqInput):
             self.kvmul.close_session(obj.session_id)
@@ -135,6 +160,46 @@ class KvmulDataParallelController(DataParallelController):
         while True:
             self.soft_watchdog.feed()
             loop.run_once(settings.poll_ms)
+            if self.kvmul is not None:
+                # on every wake-up (at most poll_ms apart): the gauges follow SGLang's load
+                # snapshots when no request arrives, and a rank whose process exited is seen
+                self.kvmul.refresh_snapshots(time.time())
+                self._watch_ranks()
+
+    # ---- ranks that die ----------------------------------------------------------------------
+    def _scheduler_procs_by_rank(self) -> dict[int, list[Any]]:
+        """This node's scheduler processes by DP rank, read from the titles SGLang gives them
+        (`sglang::scheduler_DP<r>...`); attention-DP ranks share one group (key -1)."""
+        by_rank: dict[int, list[Any]] = {}
+        for proc in self.scheduler_procs:
+            if proc is None:
+                continue
+            try:
+                title = " ".join(psutil.Process(proc.pid).cmdline())
+            except psutil.Error as exc:
+                logger.warning(
+                    "kvmul: scheduler pid %s unreadable (%s); its death is seen by its socket", proc.pid, exc
+                )
+                continue
+            found = re.search(r"scheduler_DP(\d+)", title)
+            if get_parallel().attn_dp_enabled or found is None:
+                by_rank.setdefault(-1, []).append(proc)
+            else:
+                by_rank.setdefault(int(found.group(1)), []).append(proc)
+        return by_rank
+
+    def _watch_ranks(self) -> None:
+        for rank, procs in list(self._rank_procs.items()):
+            dead = [p for p in procs if p.exitcode is not None]
+            if not dead:
+                continue
+            del self._rank_procs[rank]
+            what = f"scheduler pid {dead[0].pid} exited with {dead[0].exitcode}"
+            if rank < 0:  # attention DP: the other ranks wait on collectives with it, forever
+                logger.error("kvmul: %s; attention-DP ranks cannot continue without it: shutting the server down", what)
+                os.kill(os.getppid(), signal.SIGQUIT)  # SGLang's own shutdown path for a failed child
+                return
+            self.kvmul.rank_down(rank, what)
 
     def _drain_requests(self) -> None:
         while True:

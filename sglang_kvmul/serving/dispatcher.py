@@ -2,8 +2,10 @@
 
 Held apart from SGLang's controller class (whose constructor starts the schedulers), so that it can
 be built and tested on real sockets alone. Every request ends in exactly one of {sent to one rank,
-answered with a per-request error}: the rank is decided and the request booked before anything is
-sent, and nothing raised on the way (a bad request, a bug in a rule) leaves this class.
+answered with a per-request error}: it is validated (`core.request_checks`), the rank decided and
+the request booked before anything is sent, and nothing raised on the way (a bad request, a bug in
+a rule) leaves this class. Sends never block: a rank whose socket stops accepting (its scheduler
+is gone) is taken down like one whose process exited, and the request goes to a live rank.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from sglang.srt.managers.io_struct import AbortReq, sock_send
 
 from sglang_kvmul.core.block_hash import CacheNamespace
 from sglang_kvmul.core.prefix import max_prefix_len
-from sglang_kvmul.core.router import Decision, KvmulRouter
+from sglang_kvmul.core.request_checks import check_request
+from sglang_kvmul.core.router import Decision, KvmulRouter, NoRankAvailable
 from sglang_kvmul.serving.kv_events import RankEventStream
 from sglang_kvmul.serving.settings import KvmulSettings
 
@@ -39,9 +42,11 @@ class KvmulDispatcher:
         settings: KvmulSettings | None = None,
         active_ranks: Callable[[], Sequence[int]] | None = None,
         read_snapshots: Callable[[], Iterable[Any]] | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         """`active_ranks()`: ranks SGLang currently serves with (elastic EP can change it; default all);
-        `read_snapshots()`: SGLang's latest per-rank load snapshots (objects with `dp_rank`)."""
+        `read_snapshots()`: SGLang's latest per-rank load snapshots (objects with `dp_rank`);
+        `vocab_size`: token ids at or above it are rejected (None: only negative ones)."""
         self.router = router
         self.workers = workers
         self.to_tokenizer = to_tokenizer
@@ -49,29 +54,86 @@ class KvmulDispatcher:
         self.settings = settings or KvmulSettings()
         self.active_ranks = active_ranks or (lambda: range(router.num_ranks))
         self.read_snapshots = read_snapshots or (lambda: ())
+        self.vocab_size = vocab_size
         self.sessions: OrderedDict[str, int] = OrderedDict()
+        # recent requests per rank, so a rank that dies has its requests answered instead of hanging
+        self.inflight: list[OrderedDict[str, None]] = [OrderedDict() for _ in range(router.num_ranks)]
         self.rejected_requests = 0
         self.ingest_errors = 0
+        self.ranks_lost = 0
+        self._health_turn = -1
+        self.aborted_on_rank_loss = 0
         self._last_snapshot_read = 0.0
         path = self.settings.decision_log
         self.decision_log = open(path, "a", buffering=1) if path else None  # noqa: SIM115
 
     # ---- requests --------------------------------------------------------------------------
     def dispatch(self, req: Any) -> None:
-        """Send `req` to one rank, or answer it with a 400; never raises."""
+        """Send `req` to one rank, or answer it with an error; never raises, never blocks."""
         try:
             rank, decision = self._decide(req)
+            while not self._send(rank, req):  # that rank stopped accepting: it is down now
+                if req.routed_dp_rank is not None:
+                    raise NoRankAvailable(f"routed_dp_rank {rank} is down")
+                rank, decision = self._decide(req)
+        except NoRankAvailable as exc:
+            self.reject(req, exc, status=503)
+            return
         except Exception as exc:  # a bad request must never take the controller down
             self.reject(req, exc)
             return
-        sock_send(self.workers[rank], req)
         self._log_decision(req, decision)
+
+    def _send(self, rank: int, req: Any) -> bool:
+        """Hand `req` to the rank's scheduler without blocking; False (and the rank down) if its
+        socket has no live peer. SGLang's PUSH sockets have no high-water mark, so a live scheduler
+        never refuses."""
+        try:
+            sock_send(self.workers[rank], req, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.rank_down(rank, "its request socket stopped accepting")
+            return False
+        inflight = self.inflight[rank]
+        inflight[req.rid] = None
+        if len(inflight) > self.settings.max_inflight_tracked:
+            inflight.popitem(last=False)
+        return True
+
+    def send_health_check(self, req: Any) -> None:
+        """A health check to the next live rank (never to a down one, never blocking)."""
+        for _ in range(self.router.num_ranks):
+            self._health_turn = (self._health_turn + 1) % self.router.num_ranks
+            rank = self._health_turn
+            if not self.router.down[rank] and rank in self.active_ranks() and self._send(rank, req):
+                return
+        logger.error("kvmul: no live DP rank for a health check")
+
+    def rank_down(self, rank: int, reason: str) -> None:
+        """Stop routing to `rank` and answer the requests it held (503): they would never finish."""
+        if not self.router.set_down(rank):
+            return
+        self.ranks_lost += 1
+        live = [r for r, d in enumerate(self.router.down) if not d]
+        held = list(self.inflight[rank])
+        self.inflight[rank].clear()
+        logger.error(
+            "kvmul: DP rank %d is down (%s); its %d recent requests are answered with 503; serving on ranks %s",
+            rank, reason, len(held), live,
+        )  # fmt: skip
+        for rid in held:
+            self.aborted_on_rank_loss += 1
+            self._abort(rid, f"DP rank {rank} went down while serving this request", 503)
+        for sid in [s for s, r in self.sessions.items() if r == rank]:
+            del self.sessions[sid]  # sessions move to a live rank (their cache is gone anyway)
 
     def _decide(self, req: Any) -> tuple[int, Decision]:
         """Choose and book the rank (nothing is sent here: a failure leaves no trace on any rank)."""
         now = time.time()
         self.refresh_snapshots(now)
-        tokens = req.input_ids if req.input_ids is not None else ()
+        tokens = req.input_ids
+        check_request(
+            tokens, self.vocab_size, bool(getattr(req, "return_logprob", False)), getattr(req, "logprob_start_len", -1)
+        )
         namespace = CacheNamespace.of_request(
             getattr(req, "cache_salt", None), getattr(req, "extra_key", None), getattr(req, "lora_id", None)
         )
@@ -86,8 +148,10 @@ class KvmulDispatcher:
                 raise ValueError(f"routed_dp_rank {rank!r} is not a DP rank (0..{len(self.workers) - 1})")
             if rank not in self.active_ranks():
                 raise ValueError(f"DP rank {rank} is not active")
+            if router.down[rank]:
+                raise NoRankAvailable(f"routed_dp_rank {rank} is down")
             return rank, router.assign(rank, tokens, limit, now, namespace)
-        if session is not None and session in self.sessions:
+        if session is not None and session in self.sessions and not router.down[self.sessions[session]]:
             self.sessions.move_to_end(session)
             rank = self.sessions[session]
             return rank, router.assign(rank, tokens, limit, now, namespace)
@@ -98,11 +162,14 @@ class KvmulDispatcher:
                 self.sessions.popitem(last=False)
         return decision.rank, decision
 
-    def reject(self, req: Any, exc: Exception) -> None:
+    def reject(self, req: Any, exc: Exception, status: int = 400) -> None:
         self.rejected_requests += 1
         logger.warning("kvmul: rejected request %s: %s", getattr(req, "rid", "?"), exc)
-        reason = {"type": "abort", "message": f"routing failed: {exc}", "status_code": 400}
-        sock_send(self.to_tokenizer, AbortReq(rid=req.rid, finished_reason=reason, abort_message=str(exc)))
+        self._abort(req.rid, f"routing failed: {exc}", status)
+
+    def _abort(self, rid: str, message: str, status: int) -> None:
+        reason = {"type": "abort", "message": message, "status_code": status}
+        sock_send(self.to_tokenizer, AbortReq(rid=rid, finished_reason=reason, abort_message=message))
 
     def close_session(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
@@ -140,7 +207,12 @@ class KvmulDispatcher:
             logger.exception("kvmul: rank %d: KV-event ingestion failed; rank marked stale", stream.rank)
 
     def counters(self) -> dict[str, int]:
-        return {"rejected_requests": self.rejected_requests, "ingest_errors": self.ingest_errors}
+        return {
+            "rejected_requests": self.rejected_requests,
+            "ingest_errors": self.ingest_errors,
+            "ranks_lost": self.ranks_lost,
+            "aborted_on_rank_loss": self.aborted_on_rank_loss,
+        }
 
 
 def decision_record(req: Any, d: Decision) -> dict:

@@ -71,6 +71,12 @@ class KvmulCollector(Collector):
             GaugeMetricFamily("kvmul_stale", "1 while a rank's mirror is untrusted after lost events", labels=rank),
             [int(s) for s in r.stale],
         )
+        yield self._per_rank(
+            GaugeMetricFamily(
+                "kvmul_rank_up", "0 once a rank's scheduler is gone (no more requests go there)", labels=rank
+            ),
+            [int(not d) for d in r.down],
+        )
         yield CounterMetricFamily("kvmul_stale_marks", "Times a rank was marked stale", value=st.stale_marks)
         yield self._per_rank(
             CounterMetricFamily(

@@ -32,6 +32,7 @@ class KvmulSettings:
     poll_ms: int = 100
     snapshot_refresh_s: float = 0.005
     max_sticky_sessions: int = 100_000
+    max_inflight_tracked: int = 4096  # recent requests per rank answered (503) if that rank dies
     replay_timeout_ms: int = 1000  # a replay endpoint that stays silent this long is given up
 
     def to_env(self) -> dict[str, str]:
@@ -69,7 +70,7 @@ class KvmulSettings:
         rule_by_name(self.policy)
         if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
             raise ValueError(f"metrics port {self.metrics_port} is outside 1..65535")
-        for name in ("slice_batches", "poll_ms", "max_sticky_sessions", "replay_timeout_ms"):
+        for name in ("slice_batches", "poll_ms", "max_sticky_sessions", "max_inflight_tracked", "replay_timeout_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         return self

@@ -1,0 +1,63 @@
+"""A rank killed under load (SIGKILL of `scheduler_DP1`, as the OOM killer would): no request hangs,
+the other rank keeps serving, the metrics say which rank is down. Stock SGLang 0.5.23 hangs here
+for ever (its controller blocks sending to the dead rank)."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from conftest import _server
+from routing_checks import ids
+
+pytestmark = pytest.mark.server
+HUNG_S = 60  # a request unanswered this long counts as hung
+
+
+@pytest.fixture(scope="module")
+def doomed_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
+    yield from _server(tmp_path_factory.mktemp("faults"), tiny_model, [])
+
+
+def _scheduler(server, rank: int) -> psutil.Process:
+    procs = psutil.Process(server.server.proc.pid).children(recursive=True)
+    (proc,) = [p for p in procs if f"scheduler_DP{rank}" in " ".join(p.cmdline())]
+    return proc
+
+
+def _outcome(server, i: int) -> str:
+    try:
+        resp = server.generate(ids(random.Random(i), 300), rid=f"load-{i}", max_new_tokens=48, timeout=HUNG_S)
+    except requests.Timeout:
+        return "hung"
+    return "answered" if resp.status_code == 200 else f"error {resp.status_code}"
+
+
+def test_a_killed_rank_is_detected_and_no_request_hangs(doomed_server):
+    victim = _scheduler(doomed_server, 1)
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(_outcome, doomed_server, i) for i in range(32)]
+        # kill once rank 1 holds some of them (the controller's decision log says where they went)
+        deadline = time.monotonic() + 60
+        while sum(d["rank"] == 1 for d in doomed_server.decisions().values()) < 4:
+            assert time.monotonic() < deadline, "rank 1 never received requests"
+        victim.send_signal(signal.SIGKILL)
+        outcomes = [f.result() for f in futures]
+    counts = {k: outcomes.count(k) for k in set(outcomes)}
+    assert counts.get("hung", 0) == 0, counts
+    assert counts.get("answered", 0) > 0, counts
+    assert set(counts) <= {"answered", "error 503"}, counts  # the lost ones are told so, clearly
+    # the surviving rank serves everything that comes next
+    after = [
+        doomed_server.generate(ids(random.Random(100 + i), 80), rid=f"after-{i}", max_new_tokens=4) for i in range(6)
+    ]
+    assert all(r.status_code == 200 for r in after), [r.text for r in after if r.status_code != 200]
+    assert {r.json()["meta_info"]["dp_rank"] for r in after} == {0}
+    assert doomed_server.metric("kvmul_rank_up") == {"0": 1.0, "1": 0.0}
+    assert "kvmul: DP rank 1 is down (scheduler pid" in doomed_server.server.log_path.read_text()
