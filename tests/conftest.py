@@ -51,6 +51,12 @@ class Server:
                 out[labels.split('rank="')[1].split('"')[0]] = float(value)
         return out
 
+    def decision_lines(self) -> list[dict]:
+        """Every decision the controller logged, in order (a request sent twice would appear twice)."""
+        if not self.decision_log.exists():
+            return []
+        return [json.loads(line) for line in self.decision_log.read_text().splitlines()]
+
     def decisions(self) -> dict[str, dict]:
         if not self.decision_log.exists():
             return {}
@@ -58,10 +64,13 @@ class Server:
         return {d["rid"]: d for d in map(json.loads, lines)}
 
 
-def _server(tmp_dir: Path, model: Path, extra: list[str]) -> Iterator[Server]:
+def _server(
+    tmp_dir: Path, model: Path, extra: list[str], shape: tuple[str, ...] = ("--dp-size", "2")
+) -> Iterator[Server]:
+    """A server of `shape` (plain DP by default) with kvmul's decision log and metrics on."""
     log = tmp_dir / "decisions.jsonl"
     metrics_port = free_port_range(1)
-    args = ["--dp-size", "2", *cpu_server_args(MAX_TOTAL_TOKENS), "--kvmul-metrics-port", str(metrics_port), *extra]
+    args = [*shape, *cpu_server_args(MAX_TOTAL_TOKENS), "--kvmul-metrics-port", str(metrics_port), *extra]
     env = KvmulSettings(decision_log=str(log)).to_env()
     with running_server(model, args, tmp_dir / "server.log", env=env) as srv:
         yield Server(srv, log, metrics_port)

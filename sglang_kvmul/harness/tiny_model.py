@@ -1,4 +1,4 @@
-"""Builds small Llama models offline: a byte-level BPE tokenizer trained on the stdlib's sources
+"""Builds small Llama and Qwen3 models offline: a byte-level BPE tokenizer trained on the stdlib's sources
 plus a config; no weights (SGLang's `--load-format dummy` fills random ones, seeded alike on
 every rank). Nothing is downloaded.
 """
@@ -23,6 +23,7 @@ class ModelShape:
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 256
+    arch: str = "llama"  # "qwen3": attention shards heads by the attention-TP size (attention DP works)
 
 
 SHAPES = {
@@ -31,7 +32,10 @@ SHAPES = {
     # benchmarks: wide and shallow so a prefix hit saves most of the work on CPU (torch_native
     # attention recomputes attention over the whole sequence, linear layers dominate here)
     "bench": ModelShape(layers=2, hidden=1024, heads=16, kv_heads=16, intermediate=4096),
+    # attention DP: the tiny shape as Qwen3 (Llama shards attention by the full TP size)
+    "tiny-qwen3": ModelShape(arch="qwen3"),
 }
+_ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
 
 
 def default_cache_dir() -> Path:
@@ -77,15 +81,15 @@ def _train_tokenizer(out: Path) -> dict[str, int]:
 def build(name: str = "tiny", cache_dir: Path | None = None) -> Path:
     """Path of the named model, built on first use (about 2 s)."""
     shape = SHAPES[name]
-    out = (cache_dir or default_cache_dir()) / f"llama-{name}"
+    out = (cache_dir or default_cache_dir()) / (name if shape.arch != "llama" else f"llama-{name}")
     stamp = out / "shape.json"
     if stamp.exists() and json.loads(stamp.read_text()) == asdict(shape):
         return out
     out.mkdir(parents=True, exist_ok=True)
     special = _train_tokenizer(out)
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_ARCH[shape.arch][0]],
+        "model_type": _ARCH[shape.arch][1],
         "hidden_size": shape.hidden,
         "intermediate_size": shape.intermediate,
         "num_hidden_layers": shape.layers,
@@ -101,6 +105,7 @@ def build(name: str = "tiny", cache_dir: Path | None = None) -> Path:
         "torch_dtype": "bfloat16",
         "attention_bias": False,
         "mlp_bias": False,
+        **({"use_sliding_window": False, "max_window_layers": shape.layers} if shape.arch == "qwen3" else {}),
         **special,
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))

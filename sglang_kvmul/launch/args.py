@@ -1,7 +1,8 @@
 """The defaults `sglang_kvmul.launch_server` adds to a `sglang.launch_server` command line.
 
 Pure argv rewriting: the user's own flags always win, and anything not named here passes through.
-  * `--load-balance-method kvmul` when dp > 1 and no method is given;
+  * `--load-balance-method kvmul` when the controller has more than one rank (plain DP, attention
+    DP or both) and no method is given;
   * for kvmul without `--kv-events-config`: SGLang's ZMQ KV-event publisher bound on 127.0.0.1,
     one port per rank, with the replay ports in a separate range (rank r uses base + r for both,
     so adjacent bases would collide), in the "dynamo" event format;
@@ -22,6 +23,10 @@ from sglang_kvmul.serving.settings import KvmulSettings
 def _peek(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--dp-size", "--data-parallel-size", dest="dp_size", type=int, default=1)
+    p.add_argument("--attn-dp-size", "--attention-data-parallel-size", dest="attn_dp_size", type=int, default=1)
+    p.add_argument("--enable-dp-attention", action="store_true")  # deprecated: --dp-size N means attention DP
+    p.add_argument("--tp-size", "--tp", "--tensor-parallel-size", dest="tp_size", type=int, default=1)
+    p.add_argument("--pp-size", "--pipeline-parallel-size", dest="pp_size", type=int, default=1)
     p.add_argument("--load-balance-method", default=None)
     p.add_argument("--kv-events-config", default=None)
     p.add_argument("--attention-backend", default=None)
@@ -58,11 +63,12 @@ def with_kvmul_defaults(
     args = _peek(argv)
     out = list(argv)
     method = args.load_balance_method
-    if method is None and args.dp_size > 1:
+    ranks = controller_ranks(argv)
+    if method is None and ranks > 1:
         method = METHOD_NAME
         out += ["--load-balance-method", METHOD_NAME]
     if method == METHOD_NAME and args.kv_events_config is None:
-        n = args.dp_size
+        n = ranks
         taken = {args.port, *(avoid or ())}
         pub = free_port_range(n, taken)
         replay = free_port_range(n, {*taken, *range(pub, pub + n)})
@@ -95,5 +101,18 @@ def device_of(argv: Sequence[str], cuda: bool) -> str:
     return _peek(argv).device or ("cuda" if cuda else "cpu")
 
 
-def dp_size_of(argv: Sequence[str]) -> int:
-    return _peek(argv).dp_size
+def controller_ranks(argv: Sequence[str]) -> int:
+    """DP ranks the controller dispatches to, as SGLang counts them: `dp_size * attn_dp_size`, with the
+    deprecated `--dp-size N --enable-dp-attention` meaning `--attn-dp-size N`."""
+    a = _peek(argv)
+    if a.enable_dp_attention:
+        return a.dp_size
+    return a.dp_size * a.attn_dp_size
+
+
+def scheduler_processes(argv: Sequence[str]) -> int:
+    """Scheduler processes on one node: one per TP x PP rank of every DP replica (attention DP shares
+    the TP group)."""
+    a = _peek(argv)
+    replicas = 1 if a.enable_dp_attention else a.dp_size
+    return replicas * a.tp_size * a.pp_size

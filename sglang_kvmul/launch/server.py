@@ -24,7 +24,7 @@ def _cuda_available() -> bool:
 
 def prepare(argv: list[str]) -> list[str]:
     """Final argv, with the process environment prepared for it (before SGLang is imported)."""
-    from sglang_kvmul.launch.args import device_of, dp_size_of, split_own_flags, with_kvmul_defaults
+    from sglang_kvmul.launch.args import device_of, scheduler_processes, split_own_flags, with_kvmul_defaults
     from sglang_kvmul.launch.ports import free_port_range, port_is_free
 
     cuda = _cuda_available()
@@ -45,7 +45,7 @@ def prepare(argv: list[str]) -> list[str]:
     if device_of(argv, cuda) == "cpu":
         from sglang_kvmul.cpu_compat import cpu_env
 
-        env = cpu_env(dp_size_of(argv))
+        env = cpu_env(scheduler_processes(argv))
         os.environ.update(env)
         if "PYTHONPATH" in env:  # the spawned children read PYTHONPATH; this process needs sys.path
             sys.path[:0] = [p for p in env["PYTHONPATH"].split(os.pathsep) if p not in sys.path]

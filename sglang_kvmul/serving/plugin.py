@@ -8,6 +8,7 @@ the process that already imported the controller module (the DP controller itsel
 
 from __future__ import annotations
 
+import os
 import sys
 import typing
 
@@ -55,6 +56,10 @@ def register() -> None:
 
     _add_cli_choice()
     _mark_load_aware()
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":  # CPU only (set by cpu_compat.cpu_env)
+        from sglang_kvmul.cpu_compat import attention
+
+        attention.install()
     if _DPC_MODULE in sys.modules:
         from sglang_kvmul.serving.controller import KvmulDataParallelController
 
