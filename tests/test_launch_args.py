@@ -40,3 +40,18 @@ def test_cpu_env_and_core_groups():
     assert omp_threads_bind(2, 16) == "0-7|8-15"
     env = cpu_env(2, environ={"SGLANG_CPU_OMP_THREADS_BIND": "5|6"})
     assert env["SGLANG_USE_CPU_ENGINE"] == "1" and "SGLANG_CPU_OMP_THREADS_BIND" not in env
+
+
+def test_attention_dp_counts_the_controller_ranks_and_gets_kvmul():
+    from sglang_kvmul.launch.args import controller_ranks, scheduler_processes
+
+    assert controller_ranks(["--tp", "2", "--attn-dp-size", "2"]) == 2
+    assert controller_ranks(["--dp-size", "4", "--enable-dp-attention", "--tp-size", "4"]) == 4  # old spelling
+    assert controller_ranks(["--dp-size", "2"]) == 2 and controller_ranks(["--tp-size", "8"]) == 1
+    assert scheduler_processes(["--tp-size", "2", "--attn-dp-size", "2"]) == 2  # DP ranks share the TP group
+    assert scheduler_processes(["--dp-size", "2", "--tp-size", "2"]) == 4
+    out = with_kvmul_defaults(["--tp-size", "4", "--attn-dp-size", "4"], cuda=False, free_port_range=fixed_ports)
+    assert out[out.index("--load-balance-method") + 1] == "kvmul" and "--kv-events-config" in out
+    assert "--load-balance-method" not in with_kvmul_defaults(
+        ["--tp-size", "4"], cuda=False, free_port_range=fixed_ports
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import time
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from pathlib import Path
@@ -35,6 +36,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
         cmd = ["bash", "-c", f'exec bash {ROOT / "launch" / "gateway.sh"} --port "$PORT" --log-level warn']
         gw = start_server(tiny_model, [], tmp_path_factory.mktemp("gw") / "gateway.log", command=cmd, env=env)
         stack.callback(gw.stop)
+        deadline = time.monotonic() + 90  # the gateway health-checks its workers on its own schedule
+        while requests.get(gw.url + "/readiness", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the gateway never saw its workers healthy"
+            time.sleep(0.25)  # polling interval
         yield gw, servers
 
 

@@ -6,8 +6,9 @@ It sends a short, bounded shared-prefix probe, one request at a time, and checks
 controller predicted to be cached (`kvmul_predicted_hit_tokens_total`, read before and after) equal
 the `cached_tokens` SGLang reported for that rank's requests. Sequential requests make both exact,
 so any difference is a misconfiguration (events not reaching the controller, a wrong page size,
-a stale rank). Exit status 0 when both hold, 1 otherwise. Run it before opening traffic: other
-requests during the probe change the metrics it compares.
+a stale rank). Before each request it waits until the controller sees no queued prefill, so the
+cache alone decides. Exit status 0 when both hold, 1 otherwise (2: unreachable, or never quiet).
+Run it before opening traffic: other requests during the probe change the metrics it compares.
 """
 
 from __future__ import annotations
@@ -15,21 +16,34 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 
 import requests
 
 _PREDICTED = "kvmul_predicted_hit_tokens_total"
+_QUEUED = "kvmul_queued_uncached_tokens"
+QUIET_TIMEOUT_S = 30.0
 
 
-def _predicted(metrics_url: str) -> dict[str, float]:
+def _per_rank(metrics_url: str, name: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in requests.get(metrics_url, timeout=10).text.splitlines():
-        if line.startswith(_PREDICTED + "{"):
+        if line.startswith(name + "{"):
             labels, value = line.rsplit(" ", 1)
             out[labels.split('rank="')[1].split('"')[0]] = float(value)
     return out
+
+
+def _wait_quiet(metrics_url: str) -> None:
+    """Until the controller sees no queued prefill anywhere (SGLang's idle load snapshot has
+    arrived), so each probe request meets an idle cluster and only the cache decides."""
+    deadline = time.monotonic() + QUIET_TIMEOUT_S
+    while any(_per_rank(metrics_url, _QUEUED).values()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the controller still sees queued prefill after {QUIET_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)  # polling interval
 
 
 def probe(
@@ -39,7 +53,7 @@ def probe(
     rng = random.Random(seed)
     tag = f"kvmul-check-{rng.randrange(1 << 30):x}"
     prefixes = [[rng.randrange(10, 1000) for _ in range(prefix_len)] for _ in range(groups)]
-    before = _predicted(metrics_url)
+    before = _per_rank(metrics_url, _PREDICTED)
     placement: dict[int, list[int]] = defaultdict(list)
     reported: dict[str, int] = defaultdict(int)
     requests_per_rank: dict[str, int] = defaultdict(int)
@@ -50,6 +64,7 @@ def probe(
                 "input_ids": prefix + [rng.randrange(10, 1000) for _ in range(16)],
                 "sampling_params": {"max_new_tokens": 1, "temperature": 0},
             }
+            _wait_quiet(metrics_url)
             resp = requests.post(url + "/generate", json=body, timeout=120)
             resp.raise_for_status()
             meta = resp.json()["meta_info"]
@@ -57,7 +72,7 @@ def probe(
             placement[g].append(rank)
             reported[str(rank)] += int(meta.get("cached_tokens", 0))
             requests_per_rank[str(rank)] += 1
-    after = _predicted(metrics_url)
+    after = _per_rank(metrics_url, _PREDICTED)
     ranks = sorted(set(after) | set(reported), key=lambda r: int(r) if r.isdigit() else -1)
     per_rank = []
     for r in ranks:
@@ -90,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         result = probe(a.url.rstrip("/"), a.metrics_url, a.groups, a.per_group, a.prefix_len)
-    except requests.RequestException as exc:
+    except (requests.RequestException, TimeoutError) as exc:
         print(f"kvmul check: cannot reach the server: {exc}", file=sys.stderr)
         return 2
     print(report(result))
