@@ -5,8 +5,8 @@ The patch is made from this package's own sources, so it never drifts from them:
     reading the imports, so the layout decides: `core/`, the serving modules it uses, their
     `__init__.py` files; not the plugin hook, the launcher, the demo or the CPU shims) are copied to
     `python/sglang/srt/managers/kvmul/`, imports rewritten;
-  * three upstream files get small edits: the CLI choice, the `LoadBalanceMethod` enum and the
-    construction of the controller, and the load-snapshot ownership rule.
+  * four upstream files get small edits: the CLI choice, the `LoadBalanceMethod` enum and the
+    construction of the controller, the load-snapshot ownership rule, and the KV publisher's guard.
 The pristine upstream files are read from the installed SGLang and checked against the release
 wheel's own RECORD hashes, so they are the bytes of the pinned release.
 
@@ -33,7 +33,9 @@ VERSION = "0.5.23"
 PATCH = Path(__file__).resolve().parent / f"sglang-{VERSION}-kvmul.patch"
 TARGET_PKG = "sglang/srt/managers/kvmul"
 
-ENTRY = "serving/controller.py"  # what the patched-in controller class lives in
+# What the patched-in code starts from: the controller class, and the KV-event guard the
+# publisher module installs in the scheduler processes.
+ENTRIES = ("serving/controller.py", "serving/event_privacy.py")
 
 
 # (upstream file, [(anchor, replacement)]): each anchor must occur exactly once.
@@ -42,6 +44,19 @@ EDITS: dict[str, list[tuple[str, str]]] = {
         (
             '                "total_tokens",\n            ],\n        ),\n    ] = "auto"',
             '                "total_tokens",\n                "kvmul",\n            ],\n        ),\n    ] = "auto"',
+        ),
+    ],
+    "sglang/srt/disaggregation/kv_events.py": [
+        (
+            "        return constructor(attn_dp_rank=attn_dp_rank, **config_dict)\n",
+            "        return constructor(attn_dp_rank=attn_dp_rank, **config_dict)\n"
+            "\n"
+            "\n"
+            "# kvmul: KV events carry prompts' token ids; restrict the publisher's sockets to the\n"
+            "# controller's address when SGLANG_KVMUL_EVENT_PEERS is set (sglang/srt/managers/kvmul).\n"
+            "from sglang.srt.managers.kvmul.serving import event_privacy as _kvmul_event_privacy  # noqa: E402\n"
+            "\n"
+            "_kvmul_event_privacy.install_from_env()\n",
         ),
     ],
     "sglang/srt/managers/load_snapshot.py": [
@@ -114,8 +129,8 @@ def _own_imports(relpath: str) -> set[str]:
 
 
 def modules() -> list[str]:
-    """ENTRY and its transitive imports within the package, with each package's __init__.py."""
-    todo, seen = [ENTRY], set()
+    """ENTRIES and their transitive imports within the package, with each package's __init__.py."""
+    todo, seen = list(ENTRIES), set()
     while todo:
         rel = todo.pop()
         if rel in seen:

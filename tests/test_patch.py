@@ -72,7 +72,7 @@ def patched_server(tmp_path_factory, tiny_model) -> Iterator[Server]:
     env = cpu_env(2)
     env["PYTHONPATH"] = os.pathsep.join([str(tmp / "site"), env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))])
     env["SGLANG_PLUGINS"] = "no-such-plugin"  # a whitelist that excludes our `kvmul` entry point
-    env.update(KvmulSettings(decision_log=str(log)).to_env())
+    env.update(KvmulSettings(decision_log=str(log), event_peers="127.0.0.1").to_env())
     args = ["--dp-size", "2", "--load-balance-method", "kvmul", "--kv-events-config", kv_events_config(pub, replay)]
     args += cpu_server_args(16384)
     with running_server(tiny_model, args, tmp / "server.log", launcher="sglang.launch_server", env=env) as srv:
@@ -85,6 +85,7 @@ def test_patched_sglang_routes_by_kvmul_without_the_plugin(patched_server):
     assert "Loaded plugin kvmul" not in log
     # the controller that routes is the patched-in module, not the installed sglang_kvmul package
     assert "kvmul (sglang.srt.managers.kvmul.serving.controller): rule kvmul, 2 DP ranks" in log
+    assert "kvmul: KV-event sockets accept only 127.0.0.1" in log  # the patched publisher's guard
     info = requests.get(patched_server.url + "/server_info", timeout=10).json()
     assert info["load_balance_method"] == "kvmul"
     check_shared_prefixes_stick_and_unrelated_prompts_spread(patched_server, tag="patched-spread")

@@ -91,10 +91,10 @@ def test_prometheus_metrics_describe_the_decisions(kvmul_server):
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             samples[(s.name, s.labels.get("rank"))] = s.value
-    booked = kvmul_server.decisions()  # routed by the rule, or pinned by routed_dp_rank
+    booked = kvmul_server.decision_lines()  # routed by the rule, or pinned (other tests reuse rids)
     assert samples[("kvmul_decisions_total", None)] == len(booked)
     assert sum(samples[("kvmul_routed_requests_total", r)] for r in "01") == len(booked)
-    predicted = sum(d["predicted_cached"] for d in kvmul_server.decisions().values())
+    predicted = sum(d["predicted_cached"] for d in booked)
     assert sum(samples[("kvmul_predicted_hit_tokens_total", r)] for r in "01") == predicted
     assert samples[("kvmul_stale", "0")] == 0 and samples[("kvmul_stale", "1")] == 0
     assert samples[("kvmul_event_batches_total", "0")] + samples[("kvmul_event_batches_total", "1")] > 0
@@ -143,3 +143,38 @@ def test_session_requests_stay_on_one_rank(kvmul_server):
     assert len(set(ranks)) == 1, ranks
     closed = requests.post(kvmul_server.url + "/close_session", json={"session_id": sid}, timeout=30)
     assert closed.status_code == 200, closed.text
+
+
+def test_kv_events_reach_only_the_controller_address(kvmul_server):
+    """The launcher restricts the publishers (ZAP) to 127.0.0.1: a subscriber connecting from
+    127.0.0.3 gets neither live events nor a replay, while one from 127.0.0.1 gets both."""
+    import json
+
+    import zmq
+
+    cfg = json.loads(requests.get(kvmul_server.url + "/server_info", timeout=10).json()["kv_events_config"])
+    pub = cfg["endpoint"].replace("tcp://", "")
+    replay = cfg["replay_endpoint"].replace("tcp://", "")
+    ctx = zmq.Context()
+    try:
+        subs = {}
+        for src in ("127.0.0.1", "127.0.0.3"):
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(f"tcp://{src}:0;{pub}")  # rank 0's publisher, from source address `src`
+            subs[src] = sub
+        rng = random.Random(31)
+        deadline = time.monotonic() + 30
+        while not subs["127.0.0.1"].poll(200):  # slow joiner: keep making events until one arrives
+            assert time.monotonic() < deadline, "the allowed subscriber never received an event"
+            kvmul_server.generate(ids(rng, 40), rid=f"privacy-{time.monotonic()}", routed_dp_rank=0)
+        kvmul_server.generate(ids(rng, 40), rid="privacy-last", routed_dp_rank=0)
+        assert subs["127.0.0.1"].poll(5000)
+        assert not subs["127.0.0.3"].poll(2000), "a subscriber from 127.0.0.3 received KV events"
+        for src, expect in (("127.0.0.1", True), ("127.0.0.3", False)):
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.connect(f"tcp://{src}:0;{replay}")
+            dealer.send_multipart([b"", (0).to_bytes(8, "big", signed=True)])
+            assert bool(dealer.poll(3000)) is expect, src
+    finally:
+        ctx.destroy(linger=0)

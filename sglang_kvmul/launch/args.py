@@ -101,6 +101,10 @@ def device_of(argv: Sequence[str], cuda: bool) -> str:
     return _peek(argv).device or ("cuda" if cuda else "cpu")
 
 
+def kv_events_config_of(argv: Sequence[str]) -> str | None:
+    return _peek(argv).kv_events_config
+
+
 def controller_ranks(argv: Sequence[str]) -> int:
     """DP ranks the controller dispatches to, as SGLang counts them: `dp_size * attn_dp_size`, with the
     deprecated `--dp-size N --enable-dp-attention` meaning `--attn-dp-size N`."""

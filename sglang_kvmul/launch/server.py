@@ -24,7 +24,13 @@ def _cuda_available() -> bool:
 
 def prepare(argv: list[str]) -> list[str]:
     """Final argv, with the process environment prepared for it (before SGLang is imported)."""
-    from sglang_kvmul.launch.args import device_of, scheduler_processes, split_own_flags, with_kvmul_defaults
+    from sglang_kvmul.launch.args import (
+        device_of,
+        kv_events_config_of,
+        scheduler_processes,
+        split_own_flags,
+        with_kvmul_defaults,
+    )
     from sglang_kvmul.launch.ports import free_port_range, port_is_free
 
     cuda = _cuda_available()
@@ -40,8 +46,11 @@ def prepare(argv: list[str]) -> list[str]:
                 f"{settings.metrics_host}; choose a free port"
             )
         own_ports.add(settings.metrics_port)
-    os.environ.update(settings.to_env())
+    ours = kv_events_config_of(argv) is None
     argv = with_kvmul_defaults(argv, cuda=cuda, free_port_range=free_port_range, avoid=own_ports)
+    if ours and kv_events_config_of(argv) is not None and settings.event_peers is None:
+        settings = settings.replace(event_peers="127.0.0.1")  # events we configured: the controller only
+    os.environ.update(settings.to_env())
     if device_of(argv, cuda) == "cpu":
         from sglang_kvmul.cpu_compat import cpu_env
 

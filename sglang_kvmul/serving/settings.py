@@ -34,6 +34,9 @@ class KvmulSettings:
     max_sticky_sessions: int = 100_000
     max_inflight_tracked: int = 4096  # recent requests per rank answered (503) if that rank dies
     replay_timeout_ms: int = 1000  # a replay endpoint that stays silent this long is given up
+    # Source addresses allowed to read the KV events (comma-separated; `event_privacy`): the
+    # controller's. The launcher sets it when it configures the events itself; None: unrestricted.
+    event_peers: str | None = None
 
     def to_env(self) -> dict[str, str]:
         """The variables that reproduce these settings (fields at their default are left out)."""
