@@ -82,13 +82,9 @@ def sender(port: int, rate: float, seconds: float, ready, go) -> None:
     ctx.term()
 
 
-def run_phase(args: argparse.Namespace, events: bool, slice_batches: int | None, prompts: list[list[int]]) -> dict:
+def _helpers(args: argparse.Namespace, events: bool, ctx: zmq.Context, req_port: int, go) -> tuple:
+    """The request sender and (with `events`) one real publisher per rank, with the streams reading them."""
     spawn = mp.get_context("spawn")
-    go = spawn.Event()
-    ctx = zmq.Context()
-    req_port = free_port_range(1)
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(f"tcp://127.0.0.1:{req_port}")
     ready = [spawn.Event()]
     procs = [spawn.Process(target=sender, args=(req_port, args.request_rate, args.seconds, ready[0], go))]
     streams = []
@@ -100,6 +96,16 @@ def run_phase(args: argparse.Namespace, events: bool, slice_batches: int | None,
             ready.append(spawn.Event())
             procs.append(spawn.Process(target=publisher, args=(r, port, replay, rate, args.seconds, ready[-1], go)))
             streams.append(RankEventStream(ctx, r, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay}"))
+    return procs, ready, streams
+
+
+def run_phase(args: argparse.Namespace, events: bool, slice_batches: int | None, prompts: list[list[int]]) -> dict:
+    go = mp.get_context("spawn").Event()
+    ctx = zmq.Context()
+    req_port = free_port_range(1)
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(f"tcp://127.0.0.1:{req_port}")
+    procs, ready, streams = _helpers(args, events, ctx, req_port, go)
     for p in procs:
         p.start()
     router = KvmulRouter(args.ranks, PAGE)
@@ -149,6 +155,10 @@ def run_phase(args: argparse.Namespace, events: bool, slice_batches: int | None,
         s.close()
     pull.close(linger=0)
     ctx.term()
+    return _summary(latencies, events, slice_batches, mirrored / wall, gc_pauses)
+
+
+def _summary(latencies: list[float], events: bool, slice_batches: int | None, tokens_per_s: float, gc_pauses) -> dict:
     lat = np.asarray(latencies)
     return {
         "events": events,
@@ -157,7 +167,7 @@ def run_phase(args: argparse.Namespace, events: bool, slice_batches: int | None,
         "median_us": float(np.median(lat)),
         "p99_us": float(np.percentile(lat, 99)),
         "max_us": float(lat.max()),
-        "ingested_tokens_per_s": mirrored / wall,
+        "ingested_tokens_per_s": tokens_per_s,
         "gc_max_pause_us": max(gc_pauses, default=0.0),
         "samples": latencies,
     }

@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, write_results
 from benchmarks.policy_comparison import WORKLOADS, pool
 from sglang_kvmul.sim.cost import PROFILES
 from sglang_kvmul.sim.engine import SimConfig, Simulation
@@ -51,11 +51,7 @@ def main() -> None:
             "measured_requests_per_rank": {c: pooled[c]["requests_per_rank"] for c in RULES},
             "simulated_requests_per_rank": ranks_used,
         })  # fmt: skip
-    out = RESULTS / "sim"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(rows, indent=1))
     lines = [
-        "# sim fidelity\n", __doc__.strip(), "",
         "| workload | measured kvmul / rr (ms) | ratio | per repetition | simulated kvmul / rr (ms) | ratio | gap |",
         "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
@@ -78,8 +74,8 @@ def main() -> None:
             f"{r['simulated_requests_per_rank']['cache_only']} | "
             f"{m['cache_only'] / m['round_robin']:.2f} | {s['cache_only'] / s['round_robin']:.2f} |"
         )
-    (out / "fidelity.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    config = {"rules": list(RULES), "profile": "cpu-bench", "measured": "results/<workload>/summary.json"}
+    write_results("sim/fidelity", __doc__, {"config": config, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,18 @@ def _bits(mask: int) -> Iterator[int]:
         mask ^= low
 
 
+_RANKS_OF: dict[int, tuple[int, ...]] = {}  # mask -> its ranks: few distinct masks, walked per request
+
+
+def _ranks(mask: int) -> tuple[int, ...]:
+    ranks = _RANKS_OF.get(mask)
+    if ranks is None:
+        if len(_RANKS_OF) > 65536:
+            _RANKS_OF.clear()
+        ranks = _RANKS_OF[mask] = tuple(_bits(mask))
+    return ranks
+
+
 class SharedRadixIndex:
     """Cached pages of `num_ranks` ranks (page_size tokens per page), updated from KV events."""
 
@@ -249,10 +261,10 @@ class SharedRadixIndex:
                 k -= k % ps
             child = seg.children.get(self._key(tokens, pos + k)) if k == length and pos + k + ps <= n else None
             if child is None:
-                for r in _bits(seg.mask):
+                for r in _ranks(seg.mask):
                     out[r] = pos + k
                 return out
-            for r in _bits(seg.mask & ~child.mask):
+            for r in _ranks(seg.mask & ~child.mask):
                 out[r] = pos + k
             seg, pos = child, pos + length
 

@@ -84,6 +84,11 @@ class KvmulRouter:
         self.index = SharedRadixIndex(num_ranks, page_size)  # one walk per request answers every rank
         self.mirrors = [RadixMirror(page_size, self.index, r) for r in range(num_ranks)]
         self.loads = [RankLoad() for _ in range(num_ranks)]
+        # The ledgers' per-rank figures as plain lists, updated where a ledger changes (commit,
+        # snapshot), so a decision copies four lists instead of reading 4 x ranks properties.
+        self._queued, self._running = [0] * num_ranks, [0] * num_ranks
+        self._waiting, self._kv = [0] * num_ranks, [0] * num_ranks
+        self._pending_ranks: set[int] = set()  # ranks with in-flight prompts to credit
         self.pending = [PendingPrefixes() for _ in range(num_ranks)]
         # A stale rank lost KV events for good: its mirror is not trusted (scored as caching
         # nothing) until SGLang clears that cache (AllBlocksCleared) and the mirror restarts exact.
@@ -112,22 +117,24 @@ class KvmulRouter:
         matches = self.index.match_all(tokens, root, limit)
         ps, stale, pending = self.page_size, self.stale, self.pending
         lim = max(0, limit)
-        # cached_tokens() per rank, inlined: this runs for every rank of every request
-        cached = [0 if st else (m if m < lim else lim) // ps * ps for m, st in zip(matches, stale, strict=True)]
+        if True in stale:  # cached_tokens() per rank, inlined: this runs for every rank of every request
+            cached = [0 if st else (m if m < lim else lim) // ps * ps for m, st in zip(matches, stale, strict=True)]
+        else:  # match_all already caps at `limit` and floors to pages
+            cached = matches
         from_pending = [False] * self.num_ranks
-        for r, p in enumerate(pending):
-            if p.entries:  # in-flight prompts not yet confirmed by events: credit them as cache
-                credit = cached_tokens(p.match(tokens, root), limit, ps)
-                if credit > cached[r]:
-                    cached[r], from_pending[r] = credit, True
+        for r in sorted(self._pending_ranks):
+            # in-flight prompts not yet confirmed by events: credit them as cache
+            credit = cached_tokens(pending[r].match(tokens, root), limit, ps)
+            if credit > cached[r]:
+                cached[r], from_pending[r] = credit, True
         loads = self.loads
         view = RankView(
             prompt_len=n,
             cached=cached,
-            queued=[ld.queued_uncached for ld in loads],
-            running=[ld.running for ld in loads],
-            waiting=[ld.waiting for ld in loads],
-            kv_tokens=[ld.kv_tokens for ld in loads],
+            queued=self._queued[:],
+            running=self._running[:],
+            waiting=self._waiting[:],
+            kv_tokens=self._kv[:],
             page_size=self.page_size,
         )
         if self.rule.reads_capacity:  # kept off the decisions of rules that do not read them
@@ -146,7 +153,7 @@ class KvmulRouter:
                 [x if ok else _INF for x, ok in zip(c.costs, live, strict=True)], view.queued, self._rotation
             )
             excluded = tuple(r for r, ok in enumerate(live) if not ok)
-        return Decision(rank, n, root, cached, from_pending, list(view.queued), view.batch, c.costs, tie, excluded)
+        return Decision(rank, n, root, cached, from_pending, view.queued, view.batch, c.costs, tie, excluded)
 
     def set_down(self, rank: int) -> bool:
         """Take `rank` out of routing for good (a restarted rank comes back with a new server);
@@ -160,9 +167,11 @@ class KvmulRouter:
         r = decision.rank
         load = self.loads[r]
         load.on_dispatch(now, decision.prompt_len - decision.cached[r], decision.prompt_len)
+        self._sync(r)
         if len(tokens) > self.page_size:
             tokens = _as_tuple(tokens)  # what the index and the in-flight matching compare against
             self.pending[r].add(now, tokens, decision.root_hash, load.prefilled_seen + load.queued_uncached)
+            self._pending_ranks.add(r)
         st = self.stats
         st.decisions += 1
         st.per_rank_requests[r] += 1
@@ -226,6 +235,7 @@ class KvmulRouter:
         load = self.loads[rank]
         if not load.on_snapshot(snap):
             return
+        self._sync(rank)
         mirror = self.mirrors[rank]
         ps = self.page_size
 
@@ -234,6 +244,15 @@ class KvmulRouter:
             return mirror.match(tokens, root, limit) >= limit - limit % ps
 
         self.pending[rank].prune(now, load.prefilled_seen, confirmed)
+        if not self.pending[rank].entries:
+            self._pending_ranks.discard(rank)
+
+    def _sync(self, r: int) -> None:
+        ld = self.loads[r]
+        self._queued[r] = ld.queued_uncached
+        self._running[r] = ld.running
+        self._waiting[r] = ld.waiting
+        self._kv[r] = ld.kv_tokens
 
 
 def _as_tuple(tokens: Sequence[int]) -> tuple[int, ...]:

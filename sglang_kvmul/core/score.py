@@ -6,6 +6,9 @@ Pure functions on plain numbers: the live controller, the guard and the simulato
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import add, mul
+
+_PLUS_ONE = (1).__add__
 
 
 def kvmul_scores(
@@ -19,7 +22,12 @@ def kvmul_scores(
     (LMetric's own choice). `time_per_token` counts the prefill work in each rank's measured time
     instead of tokens (the guard's remedy for ranks of different speed). Inlined: it runs for every
     rank of every request."""
+    if not len(queued_uncached) == len(uncached) == len(batch_sizes):
+        raise ValueError("one queue, uncached count and batch size per rank")
     if time_per_token is None:
+        if min(queued_uncached, default=0) >= 0 and min(uncached, default=0) >= 0 and min(batch_sizes, default=0) >= 0:
+            # the router's inputs are never negative: C-level maps (128+ ranks on every request)
+            return list(map(mul, map(add, queued_uncached, uncached), map(_PLUS_ONE, batch_sizes)))
         return [
             ((q if q > 0 else 0) + (u if u > 0 else 0)) * ((b if b > 0 else 0) + 1)
             for q, u, b in zip(queued_uncached, uncached, batch_sizes, strict=True)
@@ -39,8 +47,9 @@ def pick_lowest(scores: Sequence[float], queued_uncached: Sequence[int], rotatio
     if not scores:
         raise ValueError("no ranks to choose from")
     best = min(scores)
+    if scores.count(best) == 1:  # the common case, at C speed
+        return scores.index(best), False
     tied = [i for i, s in enumerate(scores) if s == best]
-    if len(tied) > 1:
-        least = min(queued_uncached[i] for i in tied)
-        tied = [i for i in tied if queued_uncached[i] == least]
+    least = min(map(queued_uncached.__getitem__, tied))
+    tied = [i for i in tied if queued_uncached[i] == least]
     return tied[rotation % len(tied)], len(tied) > 1

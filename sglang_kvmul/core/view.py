@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from operator import add
 from typing import Protocol
 
 
@@ -28,13 +30,16 @@ class RankView:
     max_kv_tokens: Sequence[int] = ()
     prefill_us_per_token: Sequence[float] = ()
 
-    @property
+    @cached_property
     def uncached(self) -> list[int]:
-        return [self.prompt_len - c for c in self.cached]
+        return list(map(self.prompt_len.__sub__, self.cached))
 
-    @property
+    @cached_property
     def batch(self) -> list[int]:
-        return [r + w for r, w in zip(self.running, self.waiting, strict=True)]
+        """Running + waiting per rank (computed once per view: rules and the router both read it)."""
+        if len(self.running) != len(self.waiting):
+            raise ValueError("running and waiting differ in length")
+        return list(map(add, self.running, self.waiting))
 
 
 @dataclass(frozen=True, slots=True)
