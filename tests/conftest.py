@@ -51,6 +51,13 @@ class Server:
                 out[labels.split('rank="')[1].split('"')[0]] = float(value)
         return out
 
+    def metric_total(self, name: str) -> float:
+        """A metric without labels (one scrape)."""
+        for line in requests.get(self.metrics_url, timeout=10).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
     def decision_lines(self) -> list[dict]:
         """Every decision the controller logged, in order (a request sent twice would appear twice)."""
         if not self.decision_log.exists():

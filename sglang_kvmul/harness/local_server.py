@@ -42,10 +42,11 @@ class LocalServer:
     port: int
     log_path: Path
     shm_before: set[str] = field(default_factory=set)
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def log_tail(self, n: int = 80) -> str:
         try:
@@ -87,15 +88,18 @@ def start_server(
     timeout: float = 240.0,
     attempts: int = 3,
     command: Sequence[str] | None = None,
+    host: str = "127.0.0.1",
+    wait: bool = True,
 ) -> LocalServer:
-    """Launch `python -m <launcher>` (or `command`, told its port by $PORT) and wait for /health.
+    """Launch `python -m <launcher>` (or `command`, told its port by $PORT) on `host` and wait for
+    /health (`wait=False`: return at once; the caller waits, e.g. for the other nodes first).
 
     A start that loses a race for one of its ports (another process bound it between our check
     and the server's bind) is retried on fresh ports.
     """
     for attempt in range(attempts):
         try:
-            return _start_once(model_path, args, log_path, launcher, env, port, timeout, command)
+            return _start_once(model_path, args, log_path, launcher, env, port, timeout, command, host, wait)
         except RuntimeError:
             lost_race = "address already in use" in log_path.read_text(errors="replace")
             if not lost_race or attempt == attempts - 1:
@@ -113,13 +117,15 @@ def _start_once(
     port: int | None,
     timeout: float,
     command: Sequence[str] | None,
+    host: str = "127.0.0.1",
+    wait: bool = True,
 ) -> LocalServer:
     port = port or free_port_range(1)
     if command is not None:
         cmd = [*command, *args]
         env = {**(env or {}), "PORT": str(port), "MODEL": str(model_path)}
     else:
-        cmd = [sys.executable, "-m", launcher, "--model-path", str(model_path), "--host", "127.0.0.1"]
+        cmd = [sys.executable, "-m", launcher, "--model-path", str(model_path), "--host", host]
         cmd += ["--port", str(port), *args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     shm_before = set(glob.glob(SHM_GLOB))
@@ -127,7 +133,9 @@ def _start_once(
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
         )
-    server = LocalServer(proc, port, log_path, shm_before)
+    server = LocalServer(proc, port, log_path, shm_before, host)
+    if not wait:
+        return server
     try:
         server.wait_ready(timeout)
     except BaseException:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from sglang_kvmul import METHOD_NAME
 from sglang_kvmul.core.rules import rule_help
@@ -34,18 +35,61 @@ def _peek(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--decode-attention-backend", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--dist-init-addr", "--nccl-init-addr", dest="dist_init_addr", default=None)
     return p.parse_known_args(list(argv))[0]
 
 
-def kv_events_config(pub_base: int, replay_base: int) -> str:
-    """Loopback publisher; the "dynamo" format, whose block hashes also cover a request's extra_key
-    (the default format leaves non-LoRA extra_key namespaces indistinguishable in the events)."""
+@dataclass(frozen=True)
+class Cluster:
+    """Attention DP over several nodes: every node derives the same KV-event ports from
+    `--dist-init-addr`, so the same command runs on each with only `--node-rank` differing."""
+
+    nnodes: int
+    node_rank: int
+    dist_host: str
+    dist_port: int
+    ranks: int  # controller ranks over all nodes
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.ranks // self.nnodes
+
+    def node_ranks(self, node: int) -> range:
+        return range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node)
+
+    @property
+    def ports(self) -> tuple[int, int, int]:
+        """(publisher base, replay base, node registry) near the dist-init port, above it when they fit."""
+        span = 2 * self.ranks + 1
+        pub = self.dist_port + 1000 if self.dist_port + 1000 + span <= 65535 else self.dist_port - 1000 - span
+        return pub, pub + self.ranks, pub + 2 * self.ranks
+
+
+def cluster_of(argv: Sequence[str]) -> Cluster | None:
+    a = _peek(argv)
+    if a.nnodes <= 1 or not a.dist_init_addr:
+        return None
+    host, _, port = a.dist_init_addr.rpartition(":")
+    return Cluster(a.nnodes, a.node_rank, host.strip("[]"), int(port), controller_ranks(argv))
+
+
+def host_of(argv: Sequence[str]) -> str:
+    return _peek(argv).host
+
+
+def kv_events_config(pub_base: int, replay_base: int, host: str = "127.0.0.1") -> str:
+    """Publisher bound on `host` (loopback on one node, the node's own address across nodes); the
+    "dynamo" format, whose block hashes also cover a request's extra_key (the default format leaves
+    non-LoRA extra_key namespaces indistinguishable in the events)."""
     return json.dumps(
         {
             "publisher": "zmq",
-            "endpoint": f"tcp://127.0.0.1:{pub_base}",
+            "endpoint": f"tcp://{host}:{pub_base}",
             "bind": True,
-            "replay_endpoint": f"tcp://127.0.0.1:{replay_base}",
+            "replay_endpoint": f"tcp://{host}:{replay_base}",
             "format": "dynamo",
         }
     )
@@ -57,9 +101,11 @@ def with_kvmul_defaults(
     cuda: bool,
     free_port_range: Callable[[int, set[int]], int],
     avoid: set[int] | None = None,
+    node_addr: str | None = None,
 ) -> list[str]:
     """`argv` plus our defaults. `free_port_range(n, avoid)` returns a base of n free ports; the
-    KV-event ranges also stay off `avoid` (our own ports, such as the metrics port)."""
+    KV-event ranges also stay off `avoid` (our own ports, such as the metrics port). Across nodes
+    the ports come from `--dist-init-addr` (`Cluster.ports`) and bind on `node_addr`."""
     args = _peek(argv)
     out = list(argv)
     method = args.load_balance_method
@@ -67,7 +113,11 @@ def with_kvmul_defaults(
     if method is None and ranks > 1:
         method = METHOD_NAME
         out += ["--load-balance-method", METHOD_NAME]
-    if method == METHOD_NAME and args.kv_events_config is None:
+    cluster = cluster_of(argv)
+    if method == METHOD_NAME and args.kv_events_config is None and cluster is not None:
+        pub, replay, _ = cluster.ports
+        out += ["--kv-events-config", kv_events_config(pub, replay, node_addr or cluster.dist_host)]
+    elif method == METHOD_NAME and args.kv_events_config is None:
         n = ranks
         taken = {args.port, *(avoid or ())}
         pub = free_port_range(n, taken)
@@ -115,8 +165,8 @@ def controller_ranks(argv: Sequence[str]) -> int:
 
 
 def scheduler_processes(argv: Sequence[str]) -> int:
-    """Scheduler processes on one node: one per TP x PP rank of every DP replica (attention DP shares
-    the TP group)."""
+    """Scheduler processes on this node: one per TP x PP rank of every DP replica (attention DP
+    shares the TP group), split over `--nnodes`."""
     a = _peek(argv)
     replicas = 1 if a.enable_dp_attention else a.dp_size
-    return replicas * a.tp_size * a.pp_size
+    return max(1, replicas * a.tp_size * a.pp_size // max(1, a.nnodes))

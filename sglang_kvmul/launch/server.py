@@ -25,12 +25,15 @@ def _cuda_available() -> bool:
 def prepare(argv: list[str]) -> list[str]:
     """Final argv, with the process environment prepared for it (before SGLang is imported)."""
     from sglang_kvmul.launch.args import (
+        cluster_of,
         device_of,
+        host_of,
         kv_events_config_of,
         scheduler_processes,
         split_own_flags,
         with_kvmul_defaults,
     )
+    from sglang_kvmul.launch.nodes import node_address
     from sglang_kvmul.launch.ports import free_port_range, port_is_free
 
     cuda = _cuda_available()
@@ -47,9 +50,16 @@ def prepare(argv: list[str]) -> list[str]:
             )
         own_ports.add(settings.metrics_port)
     ours = kv_events_config_of(argv) is None
-    argv = with_kvmul_defaults(argv, cuda=cuda, free_port_range=free_port_range, avoid=own_ports)
+    cluster = cluster_of(argv)
+    node_addr = None
+    if cluster is not None:
+        node_addr = settings.node_addr or node_address(host_of(argv), cluster.dist_host)
+        settings = settings.replace(node_addr=node_addr)
+        _check_cluster_ports(cluster, node_addr)
+    argv = with_kvmul_defaults(argv, cuda=cuda, free_port_range=free_port_range, avoid=own_ports, node_addr=node_addr)
     if ours and kv_events_config_of(argv) is not None and settings.event_peers is None:
-        settings = settings.replace(event_peers="127.0.0.1")  # events we configured: the controller only
+        # events we configured: readable by the controller only (node 0: the dist-init host)
+        settings = settings.replace(event_peers=cluster.dist_host if cluster else "127.0.0.1")
     os.environ.update(settings.to_env())
     if device_of(argv, cuda) == "cpu":
         from sglang_kvmul.cpu_compat import cpu_env
@@ -61,8 +71,31 @@ def prepare(argv: list[str]) -> list[str]:
     return argv
 
 
+def _check_cluster_ports(cluster, node_addr: str) -> None:
+    """This node's derived KV-event ports (and node 0's registry) must be free on its address."""
+    from sglang_kvmul.launch.ports import port_is_free
+
+    pub, replay, registry = cluster.ports
+    mine = [base + r for base in (pub, replay) for r in cluster.node_ranks(cluster.node_rank)]
+    mine += [registry] if cluster.node_rank == 0 else []
+    taken = [p for p in mine if not port_is_free(p, node_addr)]
+    if taken:
+        raise SystemExit(
+            f"sglang_kvmul.launch_server: KV-event ports {taken} (derived from --dist-init-addr port "
+            f"{cluster.dist_port}) are in use on {node_addr}; choose another --dist-init-addr port"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = prepare(list(sys.argv[1:] if argv is None else argv))
+    from sglang_kvmul.launch.args import cluster_of
+    from sglang_kvmul.serving.settings import KvmulSettings
+
+    cluster, node_addr = cluster_of(argv), KvmulSettings.from_env().node_addr
+    if cluster is not None and cluster.node_rank > 0 and node_addr:
+        from sglang_kvmul.launch.nodes import register
+
+        register(cluster, node_addr)  # a daemon thread: node 0's controller learns where we publish
 
     from sglang.launch_server import run_server
     from sglang.srt.plugins import load_plugins

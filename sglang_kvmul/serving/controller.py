@@ -11,6 +11,8 @@ Control messages (abort, flush, sessions, weights, ...) and health checks keep t
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import os
 import re
@@ -57,6 +59,7 @@ class KvmulDataParallelController(DataParallelController):
     """Stock controller + the `kvmul` dispatch method."""
 
     kvmul: KvmulDispatcher | None = None
+    _loop: DispatchLoop | None = None
 
     def __init__(self, server_args: Any, port_args: Any, *args: Any, **kwargs: Any) -> None:
         self.kvmul_settings = KvmulSettings.from_env()
@@ -68,6 +71,10 @@ class KvmulDataParallelController(DataParallelController):
     # ---- setup -----------------------------------------------------------------------------
     def _init_kvmul(self, server_args: Any, port_args: Any) -> None:
         settings = self.kvmul_settings
+        self._remote_ranks: dict[int, int] = {}
+        self._pending_streams: dict[int, tuple[RankEventStream, float]] = {}
+        self._started, self._unregistered_logged = time.monotonic(), False
+        self._unreachable: set[int] = set()  # logged and counted once each
         num_ranks = get_parallel().num_dp_ranks
         page_size = int(get_schedule().page_size or 1)
         dynamo_events = uses_dynamo_format(server_args.kv_events_config)
@@ -85,6 +92,10 @@ class KvmulDataParallelController(DataParallelController):
         )
         self._rank_procs = self._scheduler_procs_by_rank()
         self.kvmul.catch_up()
+        for r in self._remote_ranks:  # scored by load until their node registers and connects
+            router.mark_stale(r)
+        for stream in streams:
+            self._pending_streams[stream.rank] = (stream, time.monotonic())
         self.dispatching = self.kvmul.dispatch
         if settings.metrics_port is not None:
             serve(KvmulCollector(self.kvmul), settings.metrics_port, settings.metrics_host)
@@ -102,6 +113,8 @@ class KvmulDataParallelController(DataParallelController):
         )
 
     def _event_streams(self, server_args: Any, num_ranks: int, page_size: int) -> list[RankEventStream]:
+        """One stream per rank on this node (all ranks on one node); across nodes the other nodes'
+        ranks get theirs when their node registers (`_poll_registry`)."""
         desc = describe_kv_events_publisher(server_args)
         if desc is None:
             logger.warning(
@@ -113,20 +126,81 @@ class KvmulDataParallelController(DataParallelController):
             logger.warning("kvmul: event block size %s != page size %s", desc["block_size"], page_size)
         host = desc["endpoint_host"]
         host = "127.0.0.1" if host in ("*", "0.0.0.0", "::") else host
-        base = f"tcp://{host}:{desc['endpoint_port_base']}"
+        self._events_desc = {**desc, "endpoint_host": host}
+        nnodes = int(getattr(server_args, "nnodes", 1) or 1)
+        per_node = num_ranks // nnodes if nnodes > 1 and num_ranks % nnodes == 0 else num_ranks
+        self._remote_ranks = {r: r // per_node for r in range(per_node, num_ranks)}  # rank -> node
+        if self._remote_ranks:
+            self._open_registry(host, desc, num_ranks)
+        return [self._stream(host, r) for r in range(num_ranks) if r not in self._remote_ranks]
+
+    def _stream(self, host: str, rank: int) -> RankEventStream:
+        desc = self._events_desc
         replay = desc.get("replay_endpoint_port_base")
-        replay_base = f"tcp://{host}:{replay}" if replay else None
-        return [
-            RankEventStream(
-                self.context,
-                r,
-                rank_endpoint(base, r),
-                rank_endpoint(replay_base, r) if replay_base else None,
-                topic=desc.get("topic") or "",
-                replay_timeout_ms=self.kvmul_settings.replay_timeout_ms,
-            )
-            for r in range(num_ranks)
-        ]
+        return RankEventStream(
+            self.context,
+            rank,
+            rank_endpoint(f"tcp://{host}:{desc['endpoint_port_base']}", rank),
+            rank_endpoint(f"tcp://{host}:{replay}", rank) if replay else None,
+            topic=desc.get("topic") or "",
+            replay_timeout_ms=self.kvmul_settings.replay_timeout_ms,
+        )
+
+    def _open_registry(self, host: str, desc: dict, num_ranks: int) -> None:
+        """Where the other nodes tell us their address: the port after both KV-event ranges (the
+        launcher derives the same from --dist-init-addr on every node)."""
+        port = int(desc["endpoint_port_base"]) + 2 * num_ranks
+        self._registry = self.context.socket(zmq.ROUTER)
+        self._registry.bind(f"tcp://{host}:{port}")
+        logger.info(
+            "kvmul: waiting for %d remote ranks to register at tcp://%s:%d", len(self._remote_ranks), host, port
+        )
+
+    def _poll_registry(self) -> None:
+        """Streams for the ranks of each node that registered since the last wake-up."""
+        while True:
+            try:
+                ident, _, body = self._registry.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue  # not a REQ envelope
+            self._registry.send_multipart([ident, b"", b"ok"])
+            try:
+                msg = json.loads(body)
+                node, addr = int(msg["node_rank"]), str(ipaddress.ip_address(msg["addr"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.warning("kvmul: ignored a malformed node registration: %s", exc)
+                continue
+            ranks = [r for r, n in self._remote_ranks.items() if n == node]
+            logger.info("kvmul: node %d registered: ranks %s publish on %s", node, ranks, addr)
+            for r in ranks:
+                del self._remote_ranks[r]
+                stream = self._stream(addr, r)
+                self.kvmul.streams.append(stream)
+                self._pending_streams[r] = (stream, time.monotonic())
+                if self._loop is not None:
+                    self._loop.add_stream(stream)
+
+    def _watch_streams(self) -> None:
+        """A rank whose stream has not connected within `unreachable_after_s` is stale (scored by
+        load), logged and counted; once it connects, its history is replayed and it is exact again."""
+        now = time.monotonic()
+        limit = self.kvmul_settings.unreachable_after_s
+        if self._remote_ranks and now - self._started > limit and not self._unregistered_logged:
+            self._unregistered_logged = True
+            logger.error("kvmul: ranks %s never registered their KV events; scored by load", sorted(self._remote_ranks))
+        for r, (stream, since) in list(self._pending_streams.items()):
+            if stream.reachable():
+                del self._pending_streams[r]
+                if self.kvmul.router.stale[r]:  # a remote rank, or one that connected late: its history
+                    self.kvmul.router.apply_update(r, stream.catch_up())
+                logger.info("kvmul: rank %d's KV events connected (%s)", r, stream.endpoint)
+            elif now - since > limit and r not in self._unreachable:
+                self._unreachable.add(r)
+                self.kvmul.router.mark_stale(r)
+                self.kvmul.unreachable_streams += 1
+                logger.error("kvmul: rank %d's KV events at %s unreachable; scored by load", r, stream.endpoint)
 
     # ---- dispatch --------------------------------------------------------------------------
     def dispatching_with_trace(self, req: Any, refresh_load_budget: bool = True) -> None:
@@ -157,14 +231,20 @@ class KvmulDataParallelController(DataParallelController):
         streams = self.kvmul.streams if self.kvmul is not None else ()
         ingest = self.kvmul.ingest if self.kvmul is not None else (lambda stream, n: None)
         loop = DispatchLoop(self.recv_from_tokenizer, streams, self._drain_requests, ingest, settings.slice_batches)
+        self._loop = loop
         while True:
             self.soft_watchdog.feed()
             loop.run_once(settings.poll_ms)
             if self.kvmul is not None:
                 # on every wake-up (at most poll_ms apart): the gauges follow SGLang's load
-                # snapshots when no request arrives, and a rank whose process exited is seen
+                # snapshots when no request arrives, a rank whose process exited is seen, and
+                # (across nodes) registrations and unreachable event streams are handled
                 self.kvmul.refresh_snapshots(time.time())
                 self._watch_ranks()
+                if self._remote_ranks:
+                    self._poll_registry()
+                if self._pending_streams or self._remote_ranks:
+                    self._watch_streams()
 
     # ---- ranks that die ----------------------------------------------------------------------
     def _scheduler_procs_by_rank(self) -> dict[int, list[Any]]:

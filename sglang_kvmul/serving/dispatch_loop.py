@@ -40,11 +40,15 @@ class DispatchLoop:
         self.poller.register(requests, zmq.POLLIN)
         self.by_socket = {}
         for stream in streams:
-            self.poller.register(stream.sub, zmq.POLLIN)
-            self.by_socket[stream.sub] = stream
+            self.add_stream(stream)
         self.drain_requests = drain_requests
         self.ingest = ingest
         self.slice_batches = slice_batches
+
+    def add_stream(self, stream: RankEventStream) -> None:
+        """Watch one more rank's events (a node that registered after the loop started)."""
+        self.poller.register(stream.sub, zmq.POLLIN)
+        self.by_socket[stream.sub] = stream
 
     def run_once(self, timeout_ms: int = _DEFAULTS.poll_ms) -> None:
         ready = dict(self.poller.poll(timeout_ms))

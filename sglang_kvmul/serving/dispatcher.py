@@ -63,6 +63,7 @@ class KvmulDispatcher:
         self.ranks_lost = 0
         self._health_turn = -1
         self.aborted_on_rank_loss = 0
+        self.unreachable_streams = 0  # ranks whose KV events could not be reached (across nodes)
         self._last_snapshot_read = 0.0
         path = self.settings.decision_log
         self.decision_log = open(path, "a", buffering=1) if path else None  # noqa: SIM115
@@ -212,6 +213,7 @@ class KvmulDispatcher:
             "ingest_errors": self.ingest_errors,
             "ranks_lost": self.ranks_lost,
             "aborted_on_rank_loss": self.aborted_on_rank_loss,
+            "unreachable_event_streams": self.unreachable_streams,
         }
 
 

@@ -68,9 +68,11 @@ class RankEventStream:
         self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.sub.setsockopt(zmq.RCVHWM, 0)
         self.sub.connect(endpoint)
-        # A reconnect may mean a restarted publisher (a restarted scheduler): watch for it.
-        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED)
+        # A reconnect may mean a restarted publisher (a restarted scheduler): watch for it. A
+        # completed handshake says the publisher is reachable (and its allowlist admits us).
+        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._connects = 0
+        self.handshakes = 0
         self._restart_suspect = False
 
     def close(self) -> None:
@@ -87,6 +89,13 @@ class RankEventStream:
             if event["event"] == zmq.EVENT_CONNECTED:
                 self._connects += 1
                 self._restart_suspect = self._restart_suspect or self._connects > 1
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshakes += 1
+
+    def reachable(self) -> bool:
+        """Whether the publisher has ever completed a handshake with us (reads the monitor)."""
+        self._poll_monitor()
+        return self.handshakes > 0
 
     def _new_incarnation(self) -> EventUpdate | None:
         """The publisher's full history if it restarted since we last applied a batch."""

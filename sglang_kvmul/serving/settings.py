@@ -37,6 +37,10 @@ class KvmulSettings:
     # Source addresses allowed to read the KV events (comma-separated; `event_privacy`): the
     # controller's. The launcher sets it when it configures the events itself; None: unrestricted.
     event_peers: str | None = None
+    # Attention DP across nodes: this node's address, where its ranks' KV events bind (default: the
+    # address `--host` names, else the one that routes to `--dist-init-addr`).
+    node_addr: str | None = None
+    unreachable_after_s: float = 10.0  # a rank whose event stream has not connected by then is stale
 
     def to_env(self) -> dict[str, str]:
         """The variables that reproduce these settings (fields at their default are left out)."""
