@@ -57,3 +57,23 @@ def test_cpu_recipe_serves_with_kvmul(tiny_model, tmp_path):
         assert info["load_balance_method"] == "kvmul" and info["dp_size"] == 2
         body = {"input_ids": list(range(5, 105)), "sampling_params": {"max_new_tokens": 4}}
         assert requests.post(s.url + "/generate", json=body, timeout=120).status_code == 200
+
+
+def test_two_node_recipe_flags_are_valid_for_sglang():
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    from sglang_kvmul.launch.args import cluster_of
+
+    argv, _ = split_own_flags(
+        dry_run("gpu-2node-attn-dp.sh", MODEL="/models/qwen3-30b-a3b", DIST_INIT_ADDR="10.0.0.1:25000", NODE_RANK="1")
+    )
+    cluster = cluster_of(argv)
+    assert cluster is not None and cluster.nnodes == 2 and cluster.node_rank == 1 and cluster.ranks == 16
+    final = with_kvmul_defaults(argv, cuda=True, free_port_range=lambda n, avoid: 0, node_addr="10.0.0.2")
+    load_plugins()
+    args = prepare_server_args(final)  # SGLang's own parser: an invalid flag or choice exits
+    assert args.attn_dp_size == 16 and args.nnodes == 2 and args.load_balance_method == "kvmul"
+    pub, replay, _ = cluster.ports
+    assert f'"endpoint": "tcp://10.0.0.2:{pub}"' in args.kv_events_config  # node 1's own address
+    assert f'"replay_endpoint": "tcp://10.0.0.2:{replay}"' in args.kv_events_config and pub == 26000

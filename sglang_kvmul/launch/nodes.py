@@ -22,11 +22,12 @@ RETRY_MS = 1000
 
 
 def node_address(host: str | None, dist_host: str) -> str:
-    """`--host` when it names one address; else the local address that routes to `dist_host`."""
+    """`--host` when it names one address the other nodes can reach (loopback only when the whole
+    cluster is on loopback); else the local address that routes to `dist_host`."""
     if host:
         try:
             addr = ipaddress.ip_address(host)
-            if not addr.is_unspecified:
+            if not addr.is_unspecified and (not addr.is_loopback or ipaddress.ip_address(dist_host).is_loopback):
                 return addr.compressed
         except ValueError:
             pass
