@@ -241,6 +241,7 @@ class KvmulDataParallelController(DataParallelController):
                 # (across nodes) registrations and unreachable event streams are handled
                 self.kvmul.refresh_snapshots(time.time())
                 self._watch_ranks()
+                self.kvmul.watch_sockets()
                 if self._remote_ranks:
                     self._poll_registry()
                 if self._pending_streams or self._remote_ranks:

@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 from sglang.srt.managers.io_struct import AbortReq, sock_send
+from zmq.utils.monitor import recv_monitor_message
 
 from sglang_kvmul.core.block_hash import CacheNamespace
 from sglang_kvmul.core.prefix import max_prefix_len
@@ -62,6 +63,7 @@ class KvmulDispatcher:
         self.ingest_errors = 0
         self.ranks_lost = 0
         self._health_turn = -1
+        self._monitors: dict[zmq.Socket, int] | None = None
         self.aborted_on_rank_loss = 0
         self.unreachable_streams = 0  # ranks whose KV events could not be reached (across nodes)
         self._last_snapshot_read = 0.0
@@ -99,6 +101,25 @@ class KvmulDispatcher:
         if len(inflight) > self.settings.max_inflight_tracked:
             inflight.popitem(last=False)
         return True
+
+    def watch_sockets(self, timeout_ms: int = 0) -> None:
+        """Take down a rank whose scheduler's local (ipc) connection to its request socket closed:
+        on one host that is the scheduler process gone. Monitors are attached on the first call
+        (the schedulers are connected by then). A TCP peer (another node) may drop and come back,
+        so only its process exit or a refused send takes it down."""
+        if self._monitors is None:
+            self._monitors = {}
+            for r, w in enumerate(self.workers):
+                if w is not None and w.getsockopt(zmq.LAST_ENDPOINT).startswith(b"ipc://"):
+                    self._monitors[w.get_monitor_socket(zmq.EVENT_DISCONNECTED)] = r
+            self._monitor_poller = zmq.Poller()
+            for m in self._monitors:
+                self._monitor_poller.register(m, zmq.POLLIN)
+        if not self._monitors:
+            return
+        for sock, _ in self._monitor_poller.poll(timeout_ms):
+            recv_monitor_message(sock)
+            self.rank_down(self._monitors[sock], "its scheduler closed its request socket")
 
     def send_health_check(self, req: Any) -> None:
         """A health check to the next live rank (never to a down one, never blocking)."""

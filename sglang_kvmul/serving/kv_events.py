@@ -67,10 +67,11 @@ class RankEventStream:
         self.sub = context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.sub.setsockopt(zmq.RCVHWM, 0)
-        self.sub.connect(endpoint)
         # A reconnect may mean a restarted publisher (a restarted scheduler): watch for it. A
-        # completed handshake says the publisher is reachable (and its allowlist admits us).
+        # completed handshake says the publisher is reachable (and its allowlist admits us). The
+        # monitor is attached before connecting, so that the first of these is never missed.
         self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.sub.connect(endpoint)
         self._connects = 0
         self.handshakes = 0
         self._restart_suspect = False
@@ -93,9 +94,9 @@ class RankEventStream:
                 self.handshakes += 1
 
     def reachable(self) -> bool:
-        """Whether the publisher has ever completed a handshake with us (reads the monitor)."""
+        """Whether the publisher has ever completed a handshake with us, or sent us a batch."""
         self._poll_monitor()
-        return self.handshakes > 0
+        return self.handshakes > 0 or self.stats.batches > 0
 
     def _new_incarnation(self) -> EventUpdate | None:
         """The publisher's full history if it restarted since we last applied a batch."""
