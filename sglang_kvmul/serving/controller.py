@@ -239,7 +239,7 @@ class KvmulDataParallelController(DataParallelController):
                 # on every wake-up (at most poll_ms apart): the gauges follow SGLang's load
                 # snapshots when no request arrives, a rank whose process exited is seen, and
                 # (across nodes) registrations and unreachable event streams are handled
-                self.kvmul.refresh_snapshots(time.time())
+                self.kvmul.refresh_snapshots(time.time(), background=True)
                 self._watch_ranks()
                 self.kvmul.watch_sockets()
                 if self._remote_ranks:

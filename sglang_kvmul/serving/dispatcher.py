@@ -196,11 +196,15 @@ class KvmulDispatcher:
     def close_session(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
 
-    def refresh_snapshots(self, now: float) -> None:
-        """Fold in SGLang's latest load snapshots (at most every `snapshot_refresh_s`)."""
-        if now - self._last_snapshot_read < self.settings.snapshot_refresh_s:
-            return
-        self._last_snapshot_read = now
+    def refresh_snapshots(self, now: float, background: bool = False) -> None:
+        """Fold in SGLang's latest load snapshots: on the dispatch path at most every
+        `snapshot_refresh_s` (a burst reads them once); `background` reads (the loop's idle
+        wake-ups, which keep the gauges fresh) do not count towards that throttle, so a request
+        arriving just after one still reads the snapshot its predecessor's completion published."""
+        if not background:
+            if now - self._last_snapshot_read < self.settings.snapshot_refresh_s:
+                return
+            self._last_snapshot_read = now
         for snap in self.read_snapshots():
             if 0 <= snap.dp_rank < self.router.num_ranks:
                 self.router.apply_snapshot(snap.dp_rank, snap, now)
