@@ -173,6 +173,8 @@ class KvmulDataParallelController(DataParallelController):
                 logger.warning("kvmul: ignored a malformed node registration: %s", exc)
                 continue
             ranks = [r for r, n in self._remote_ranks.items() if n == node]
+            if not ranks:
+                continue  # a node's retried registration, already handled
             logger.info("kvmul: node %d registered: ranks %s publish on %s", node, ranks, addr)
             for r in ranks:
                 del self._remote_ranks[r]
