@@ -1,8 +1,9 @@
 """Start and stop a local SGLang server process (tests, demo, benchmarks).
 
 The server runs in its own process group, so stopping it kills exactly the processes it started;
-SGLang's load-snapshot files that appeared in /dev/shm during its life are removed afterwards
-(SGLang leaves them behind on every shutdown).
+SGLang's load-snapshot files that appeared in /dev/shm during its life, and the shared-memory
+message queues its processes created, are removed afterwards (SGLang leaves them behind on every
+shutdown).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import requests
 
 from sglang_kvmul.launch.ports import free_port_range
 
 SHM_GLOB = "/dev/shm/sglang_loads_*"
+SHM_MQ_PREFIX = "/dev/shm/sgl_shm_mq_"  # + the creating process's pid: TP groups' broadcast queues
 
 
 def cpu_server_args(max_total_tokens: int) -> list[str]:
@@ -68,11 +71,16 @@ class LocalServer:
         raise TimeoutError(f"server not healthy after {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
+        pids = {self.proc.pid}
+        with suppress(psutil.Error):  # before the kill: whose shared-memory queues are ours
+            pids |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
         if self.proc.poll() is None:
             with suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
-        for path in set(glob.glob(SHM_GLOB)) - self.shm_before:
+        leftovers = set(glob.glob(SHM_GLOB)) - self.shm_before
+        leftovers |= {p for pid in pids for p in glob.glob(f"{SHM_MQ_PREFIX}{pid}_*")}
+        for path in leftovers:
             with suppress(OSError):
                 os.remove(path)
 
