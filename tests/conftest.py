@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class Server:
         self.server = server
         self.url = server.url
         self.decision_log = decision_log
+        self.metrics_port = metrics_port
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
     def generate(
@@ -50,6 +52,19 @@ class Server:
                 labels, value = line.rsplit(" ", 1)
                 out[labels.split('rank="')[1].split('"')[0]] = float(value)
         return out
+
+    def wait_quiet(self, timeout: float = 30) -> None:
+        """Until the controller's ledger shows every rank idle (no batch, no queued prefill): a
+        sequential client can otherwise outrun the load snapshot that shows its last request done,
+        and the product rule then weighs a finished request. No-op without the metrics endpoint."""
+        if not self.metrics_port:
+            return
+        deadline = time.monotonic() + timeout
+        while any(self.metric("kvmul_batch_size").values()) or any(
+            self.metric("kvmul_queued_uncached_tokens").values()
+        ):
+            assert time.monotonic() < deadline, "the controller never saw the ranks idle"
+            time.sleep(0.02)  # polling interval
 
     def metric_total(self, name: str) -> float:
         """A metric without labels (one scrape)."""

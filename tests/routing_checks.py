@@ -17,6 +17,7 @@ def check_shared_prefixes_stick_and_unrelated_prompts_spread(server, tag: str = 
     placement: dict[int, set[int]] = {g: set() for g in prefixes}
     for rep in range(3):
         for g, prefix in prefixes.items():
+            server.wait_quiet()  # each request meets an idle cluster: only the cache decides
             resp = server.generate(prefix + ids(rng, 16), rid=f"{tag}-{g}-{rep}")
             assert resp.status_code == 200, resp.text
             meta = resp.json()["meta_info"]
@@ -44,6 +45,7 @@ def check_predicted_cached_tokens_equal_sglang_reported(server, tag: str = "exac
     results = []
     for i, prompt in enumerate(prompts):
         rid = f"{tag}-{i}"
+        server.wait_quiet()
         resp = server.generate(prompt, rid=rid)
         assert resp.status_code == 200, resp.text
         results.append((rid, resp.json()["meta_info"]))

@@ -113,11 +113,15 @@ def test_chunked_prefill_and_logprob_cap_are_predicted_exactly(kvmul_server):
         ("chunked-1", long_prompt[:4500] + ids(rng, 40), {}),
         ("logprob-0", long_prompt[:1000] + ids(rng, 10), {"return_logprob": True, "logprob_start_len": 300}),
     ]
-    reported = {}
+    reported, home = {}, None
     for rid, prompt, extra in checks:
-        resp = kvmul_server.generate(prompt, rid=rid, max_new_tokens=4, **extra)
+        # pinned after the first: this checks the prediction, not the routing (a sequential client
+        # can outrun the load snapshot that shows its previous request done)
+        pin = {} if home is None else {"routed_dp_rank": home}
+        resp = kvmul_server.generate(prompt, rid=rid, max_new_tokens=4, **extra, **pin)
         assert resp.status_code == 200, resp.text
         reported[rid] = resp.json()["meta_info"]["cached_tokens"]
+        home = resp.json()["meta_info"]["dp_rank"] if home is None else home
     decisions = kvmul_server.decisions()
     for rid, _, _ in checks:
         assert decisions[rid]["predicted_cached"] == reported[rid], (rid, decisions[rid], reported[rid])
