@@ -93,10 +93,6 @@ def test_random_bodies_never_take_the_server_down(kvmul_server, path_body):
     _still_serves(kvmul_server, "fuzz-probe")
 
 
-def test_after_the_fuzzing_a_normal_request_is_served(kvmul_server):
-    _still_serves(kvmul_server, "after-fuzz")
-
-
 def test_gauges_follow_the_load_snapshots_when_traffic_stops(kvmul_server):
     rng = random.Random(11)
     for i in range(4):

@@ -116,11 +116,8 @@ class KvmulRouter:
         root = self.root_hash(tokens, namespace)
         matches = self.index.match_all(tokens, root, limit)
         ps, stale, pending = self.page_size, self.stale, self.pending
-        lim = max(0, limit)
-        if True in stale:  # cached_tokens() per rank, inlined: this runs for every rank of every request
-            cached = [0 if st else (m if m < lim else lim) // ps * ps for m, st in zip(matches, stale, strict=True)]
-        else:  # match_all already caps at `limit` and floors to pages
-            cached = matches
+        # match_all already caps at `limit` and floors to pages: only stale ranks need zeroing
+        cached = [0 if st else m for m, st in zip(matches, stale, strict=True)] if True in stale else matches
         from_pending = [False] * self.num_ranks
         for r in sorted(self._pending_ranks):
             # in-flight prompts not yet confirmed by events: credit them as cache
