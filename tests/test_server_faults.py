@@ -1,5 +1,5 @@
 """A rank killed under load (SIGKILL of `scheduler_DP1`, as the OOM killer would): no request hangs,
-the other rank keeps serving, the metrics say which rank is down. Stock SGLang 0.5.23 hangs here
+the other rank keeps serving, the metrics and `/health` say which rank is down. Stock SGLang 0.5.23 hangs here
 for ever (its controller blocks sending to the dead rank)."""
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def _outcome(server, i: int) -> str:
 
 
 def test_a_killed_rank_is_detected_and_no_request_hangs(doomed_server):
+    assert requests.get(f"{doomed_server.url}/health", timeout=30).status_code == 200
     victim = _scheduler(doomed_server, 1)
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(_outcome, doomed_server, i) for i in range(32)]
@@ -60,4 +61,9 @@ def test_a_killed_rank_is_detected_and_no_request_hangs(doomed_server):
     assert all(r.status_code == 200 for r in after), [r.text for r in after if r.status_code != 200]
     assert {r.json()["meta_info"]["dp_rank"] for r in after} == {0}
     assert doomed_server.metric("kvmul_rank_up") == {"0": 1.0, "1": 0.0}
+    for path in ("/health", "/health_generate"):  # probes see the lost capacity, and which rank
+        health = requests.get(f"{doomed_server.url}{path}", timeout=30)
+        assert health.status_code == 503, (path, health.text)
+        assert health.json()["down_ranks"] == [1] and health.json()["live_ranks"] == [0], health.text
+        assert "scheduler pid" in health.json()["reasons"]["1"]
     assert "kvmul: DP rank 1 is down (scheduler pid" in doomed_server.server.log_path.read_text()

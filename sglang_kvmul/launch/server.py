@@ -4,13 +4,16 @@ Every `sglang.launch_server` flag works unchanged; see `launch_args` for the def
 flags: `--kvmul-metrics-port P` (Prometheus metrics of the controller; `--kvmul-metrics-host`,
 default 127.0.0.1) and `--kvmul-policy NAME` (a baseline rule on the same exact inputs, for
 comparisons: cache_only, load_only, vllm_v1, linear:<alpha>, dynamo, sglang_cache_aware).
-With `--device cpu`, the CPU compatibility environment is set up first.
+With `--device cpu`, the CPU compatibility environment is set up first. With kvmul, `/health` and
+`/health_generate` answer 503 naming the ranks while a DP rank is down (`serving.health`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
 
 def _cuda_available() -> bool:
@@ -33,8 +36,8 @@ def prepare(argv: list[str]) -> list[str]:
         split_own_flags,
         with_kvmul_defaults,
     )
-    from sglang_kvmul.launch.nodes import node_address
     from sglang_kvmul.launch.ports import free_port_range, port_is_free
+    from sglang_kvmul.serving.event_registration import node_address
 
     cuda = _cuda_available()
     try:
@@ -88,14 +91,18 @@ def _check_cluster_ports(cluster, node_addr: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = prepare(list(sys.argv[1:] if argv is None else argv))
-    from sglang_kvmul.launch.args import cluster_of
+    from sglang_kvmul import METHOD_NAME
+    from sglang_kvmul.launch.args import cluster_of, method_of
     from sglang_kvmul.serving.settings import KvmulSettings
 
-    cluster, node_addr = cluster_of(argv), KvmulSettings.from_env().node_addr
-    if cluster is not None and cluster.node_rank > 0 and node_addr:
-        from sglang_kvmul.launch.nodes import register
-
-        register(cluster, node_addr)  # a daemon thread: node 0's controller learns where we publish
+    settings = KvmulSettings.from_env()
+    cluster = cluster_of(argv)
+    state_dir = None
+    serves_http = cluster is None or cluster.node_rank == 0
+    if method_of(argv) == METHOD_NAME and serves_http and settings.health_file is None:
+        state_dir = tempfile.mkdtemp(prefix="sglang-kvmul-")  # 0700: only this user reads it
+        settings = settings.replace(health_file=os.path.join(state_dir, "ranks.json"))
+        os.environ.update(settings.to_env())
 
     from sglang.launch_server import run_server
     from sglang.srt.plugins import load_plugins
@@ -104,10 +111,18 @@ def main(argv: list[str] | None = None) -> None:
 
     load_plugins()
     server_args = prepare_server_args(argv)
+    if settings.health_file is not None and serves_http:
+        from sglang.srt.entrypoints.http_server import app
+
+        from sglang_kvmul.serving import health
+
+        health.install(app, settings.health_file)
     try:
         run_server(server_args)
     finally:
         kill_process_tree(os.getpid(), include_parent=False)
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

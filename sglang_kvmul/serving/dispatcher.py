@@ -25,6 +25,7 @@ from sglang_kvmul.core.block_hash import CacheNamespace
 from sglang_kvmul.core.prefix import max_prefix_len
 from sglang_kvmul.core.request_checks import check_request
 from sglang_kvmul.core.router import Decision, KvmulRouter, NoRankAvailable
+from sglang_kvmul.serving.health import write_rank_states
 from sglang_kvmul.serving.kv_events import RankEventStream
 from sglang_kvmul.serving.settings import KvmulSettings
 
@@ -67,6 +68,8 @@ class KvmulDispatcher:
         self.aborted_on_rank_loss = 0
         self.unreachable_streams = 0  # ranks whose KV events could not be reached (across nodes)
         self._last_snapshot_read = 0.0
+        self.down_reasons: dict[int, str] = {}
+        self._write_health()
         path = self.settings.decision_log
         self.decision_log = open(path, "a", buffering=1) if path else None  # noqa: SIM115
 
@@ -121,6 +124,15 @@ class KvmulDispatcher:
             recv_monitor_message(sock)
             self.rank_down(self._monitors[sock], "its scheduler closed its request socket")
 
+    def _write_health(self) -> None:
+        """Tell the launcher's `/health` which ranks are down; a failure to write is logged, not raised."""
+        if self.settings.health_file is None:
+            return
+        try:
+            write_rank_states(self.settings.health_file, self.router.down, self.down_reasons)
+        except OSError as exc:
+            logger.error("kvmul: cannot write rank states to %s: %s", self.settings.health_file, exc)
+
     def send_health_check(self, req: Any) -> None:
         """A health check to the next live rank (never to a down one, never blocking)."""
         for _ in range(self.router.num_ranks):
@@ -135,6 +147,8 @@ class KvmulDispatcher:
         if not self.router.set_down(rank):
             return
         self.ranks_lost += 1
+        self.down_reasons[rank] = reason
+        self._write_health()
         live = [r for r, d in enumerate(self.router.down) if not d]
         held = list(self.inflight[rank])
         self.inflight[rank].clear()

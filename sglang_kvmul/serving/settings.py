@@ -41,6 +41,9 @@ class KvmulSettings:
     # address `--host` names, else the one that routes to `--dist-init-addr`).
     node_addr: str | None = None
     unreachable_after_s: float = 10.0  # a rank whose event stream has not connected by then is stale
+    # Where the controller writes which ranks are down, for the launcher's `/health` (`health`);
+    # the launcher sets it (a file in a private directory of its own); None: not written.
+    health_file: str | None = None
 
     def to_env(self) -> dict[str, str]:
         """The variables that reproduce these settings (fields at their default are left out)."""
