@@ -33,9 +33,9 @@ VERSION = "0.5.23"
 PATCH = Path(__file__).resolve().parent / f"sglang-{VERSION}-kvmul.patch"
 TARGET_PKG = "sglang/srt/managers/kvmul"
 
-# What the patched-in code starts from: the controller class, and the KV-event guard the
-# publisher module installs in the scheduler processes.
-ENTRIES = ("serving/controller.py", "serving/event_privacy.py")
+# What the patched-in code starts from: the controller class, and the KV-event guard and
+# cross-node registration the publisher module installs in the scheduler processes.
+ENTRIES = ("serving/controller.py", "serving/event_privacy.py", "serving/event_registration.py")
 
 
 # (upstream file, [(anchor, replacement)]): each anchor must occur exactly once.
@@ -53,10 +53,15 @@ EDITS: dict[str, list[tuple[str, str]]] = {
             "\n"
             "\n"
             "# kvmul: KV events carry prompts' token ids; restrict the publisher's sockets to the\n"
-            "# controller's address when SGLANG_KVMUL_EVENT_PEERS is set (sglang/srt/managers/kvmul).\n"
+            "# controller's address when SGLANG_KVMUL_EVENT_PEERS is set; across nodes, each publisher\n"
+            "# registers its address with node 0's controller (sglang/srt/managers/kvmul).\n"
             "from sglang.srt.managers.kvmul.serving import event_privacy as _kvmul_event_privacy  # noqa: E402\n"
+            "from sglang.srt.managers.kvmul.serving import (  # noqa: E402\n"
+            "    event_registration as _kvmul_event_registration,\n"
+            ")\n"
             "\n"
-            "_kvmul_event_privacy.install_from_env()\n",
+            "_kvmul_event_privacy.install_from_env()\n"
+            "_kvmul_event_registration.install()\n",
         ),
     ],
     "sglang/srt/managers/load_snapshot.py": [

@@ -52,6 +52,12 @@ def test_patch_applies_cleanly_to_the_pinned_release(tmp_path):
     assert "KVMUL = auto()" in dpc and "KvmulDataParallelController as controller_cls" in dpc
     assert (tmp_path / "python/sglang/srt/managers/kvmul/core/router.py").exists()
     assert not (tmp_path / "python/sglang/srt/managers/kvmul/serving/plugin.py").exists()
+    # the publisher installs the KV-event guard and, across nodes, its own registration with node 0
+    # (the module the launcher's two-node test runs through the plugin)
+    kv_events = (tmp_path / "python/sglang/srt/disaggregation/kv_events.py").read_text()
+    assert "_kvmul_event_privacy.install_from_env()" in kv_events
+    assert "_kvmul_event_registration.install()" in kv_events
+    assert (tmp_path / "python/sglang/srt/managers/kvmul/serving/event_registration.py").exists()
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def test_node_1_events_reach_the_controller_on_node_0(cluster):
     _wait_metric(cluster, "kvmul_event_batches_total", "1", lambda v: v > 0)
     assert cluster.metric("kvmul_stale") == {"0": 0.0, "1": 0.0}
     log = cluster.server.log_path.read_text()
-    assert "kvmul: node 1 registered: ranks [1] publish on 127.0.0.2" in log
+    assert "kvmul: rank 1 (node 1) registered: it publishes on 127.0.0.2" in log
 
 
 def test_two_nodes_shared_prefixes_stick_and_unrelated_prompts_spread(cluster):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sglang_kvmul import METHOD_NAME
 from sglang_kvmul.core.rules import rule_help
+from sglang_kvmul.serving.event_registration import registry_port
 from sglang_kvmul.serving.settings import KvmulSettings
 
 
@@ -62,10 +63,10 @@ class Cluster:
 
     @property
     def ports(self) -> tuple[int, int, int]:
-        """(publisher base, replay base, node registry) near the dist-init port, above it when they fit."""
+        """(publisher base, replay base, rank registry) near the dist-init port, above it when they fit."""
         span = 2 * self.ranks + 1
         pub = self.dist_port + 1000 if self.dist_port + 1000 + span <= 65535 else self.dist_port - 1000 - span
-        return pub, pub + self.ranks, pub + 2 * self.ranks
+        return pub, pub + self.ranks, registry_port(pub, self.ranks)
 
 
 def cluster_of(argv: Sequence[str]) -> Cluster | None:
@@ -74,6 +75,10 @@ def cluster_of(argv: Sequence[str]) -> Cluster | None:
         return None
     host, _, port = a.dist_init_addr.rpartition(":")
     return Cluster(a.nnodes, a.node_rank, host.strip("[]"), int(port), controller_ranks(argv))
+
+
+def method_of(argv: Sequence[str]) -> str | None:
+    return _peek(argv).load_balance_method
 
 
 def host_of(argv: Sequence[str]) -> str:

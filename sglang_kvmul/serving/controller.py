@@ -33,6 +33,7 @@ from sglang_kvmul.core.router import KvmulRouter
 from sglang_kvmul.core.rules import rule_by_name
 from sglang_kvmul.serving.dispatch_loop import DispatchLoop
 from sglang_kvmul.serving.dispatcher import KvmulDispatcher
+from sglang_kvmul.serving.event_registration import registry_port
 from sglang_kvmul.serving.kv_events import RankEventStream, rank_endpoint
 from sglang_kvmul.serving.metrics import KvmulCollector, serve
 from sglang_kvmul.serving.settings import KvmulSettings
@@ -147,9 +148,8 @@ class KvmulDataParallelController(DataParallelController):
         )
 
     def _open_registry(self, host: str, desc: dict, num_ranks: int) -> None:
-        """Where the other nodes tell us their address: the port after both KV-event ranges (the
-        launcher derives the same from --dist-init-addr on every node)."""
-        port = int(desc["endpoint_port_base"]) + 2 * num_ranks
+        """Where the other nodes' publishers tell us their address (`event_registration`)."""
+        port = registry_port(int(desc["endpoint_port_base"]), num_ranks)
         self._registry = self.context.socket(zmq.ROUTER)
         self._registry.bind(f"tcp://{host}:{port}")
         logger.info(
@@ -157,7 +157,7 @@ class KvmulDataParallelController(DataParallelController):
         )
 
     def _poll_registry(self) -> None:
-        """Streams for the ranks of each node that registered since the last wake-up."""
+        """Streams for the remote ranks that registered since the last wake-up."""
         while True:
             try:
                 ident, _, body = self._registry.recv_multipart(zmq.NOBLOCK)
@@ -168,21 +168,19 @@ class KvmulDataParallelController(DataParallelController):
             self._registry.send_multipart([ident, b"", b"ok"])
             try:
                 msg = json.loads(body)
-                node, addr = int(msg["node_rank"]), str(ipaddress.ip_address(msg["addr"]))
+                rank, addr = int(msg["rank"]), str(ipaddress.ip_address(msg["addr"]))
             except (ValueError, KeyError, TypeError) as exc:
-                logger.warning("kvmul: ignored a malformed node registration: %s", exc)
+                logger.warning("kvmul: ignored a malformed rank registration: %s", exc)
                 continue
-            ranks = [r for r, n in self._remote_ranks.items() if n == node]
-            if not ranks:
-                continue  # a node's retried registration, already handled
-            logger.info("kvmul: node %d registered: ranks %s publish on %s", node, ranks, addr)
-            for r in ranks:
-                del self._remote_ranks[r]
-                stream = self._stream(addr, r)
-                self.kvmul.streams.append(stream)
-                self._pending_streams[r] = (stream, time.monotonic())
-                if self._loop is not None:
-                    self._loop.add_stream(stream)
+            node = self._remote_ranks.pop(rank, None)
+            if node is None:
+                continue  # a retried registration already handled, or not a remote rank
+            logger.info("kvmul: rank %d (node %d) registered: it publishes on %s", rank, node, addr)
+            stream = self._stream(addr, rank)
+            self.kvmul.streams.append(stream)
+            self._pending_streams[rank] = (stream, time.monotonic())
+            if self._loop is not None:
+                self._loop.add_stream(stream)
 
     def _watch_streams(self) -> None:
         """A rank whose stream has not connected within `unreachable_after_s` is stale (scored by

@@ -56,9 +56,10 @@ def register() -> None:
 
     _add_cli_choice()
     _mark_load_aware()
-    from sglang_kvmul.serving import event_privacy
+    from sglang_kvmul.serving import event_privacy, event_registration
 
     event_privacy.install_from_env()  # in every process; only schedulers create publishers
+    event_registration.install()
     if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":  # CPU only (set by cpu_compat.cpu_env)
         from sglang_kvmul.cpu_compat import attention
 
