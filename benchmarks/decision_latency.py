@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import statistics
 import time
@@ -204,6 +205,11 @@ def _ingest_dynamo(core, ps: int, per_rank: list, ours: dict, stored_tokens: int
     return {"tree": tree, "ingest_s": ingest_s, "remove_s": remove_s, "mem": mem}
 
 
+def _run_ranks_alone(n_ranks: int, args: argparse.Namespace) -> list[dict]:
+    core = None if args.no_dynamo else dynamo_module()
+    return run_ranks(n_ranks, args, np.random.default_rng(n_ranks), core)
+
+
 def run_ranks(n_ranks: int, args: argparse.Namespace, rng: np.random.Generator, core) -> list[dict]:
     ps = args.page_size
     longest = max(args.prompts) // 2 + ps
@@ -315,7 +321,7 @@ def plot(rows: list[dict], ranks: list[int], path, ps: int, tokens: int) -> None
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens-per-rank", type=int, default=1_000_000)
-    ap.add_argument("--ranks", default="2,16,64")
+    ap.add_argument("--ranks", default="2,16,64,128")
     ap.add_argument("--prompts", default="1024,8192,32768,131072")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=30)
@@ -326,11 +332,13 @@ def main() -> None:
     ranks = [int(x) for x in args.ranks.split(",")]
     args.prompts = [int(x) for x in args.prompts.split(",")]
     core = None if args.no_dynamo else dynamo_module()
-    rng = np.random.default_rng(0)
     rows = []
-    for n_ranks in tqdm(ranks, desc="rank counts"):
-        rows += run_ranks(n_ranks, args, rng, core)
-        tqdm.write(table([r for r in rows if r["ranks"] == n_ranks]))
+    # each rank count in a fresh process, seeded by it: no heap left over from the previous count
+    # (at 128 ranks, ~1.4 GB of mirrors), so each point reads as it would run alone
+    with multiprocessing.get_context("fork").Pool(1, maxtasksperchild=1) as pool:
+        for n_ranks in tqdm(ranks, desc="rank counts"):
+            rows += pool.apply(_run_ranks_alone, (n_ranks, args))
+            tqdm.write(table([r for r in rows if r["ranks"] == n_ranks]))
     cfg = {**vars(args), "dynamo": core is not None}
     write_results(args.name, __doc__, {"config": cfg, "rows": rows}, table(rows))
     plot(rows, ranks, RESULTS / f"{args.name}.png", args.page_size, args.tokens_per_rank)

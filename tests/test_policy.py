@@ -1,3 +1,6 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from sglang_kvmul.core.prefix import cached_tokens, max_prefix_len, uncached_tokens
 from sglang_kvmul.core.score import kvmul_scores, pick_lowest
 
@@ -43,3 +46,22 @@ def test_prefix_formula_matches_scheduler_caps():
     assert cached_tokens(matched=96, limit=99, page_size=16) == 96
     assert cached_tokens(matched=112, limit=99, page_size=16) == 96
     assert uncached_tokens(prompt_len=100, matched=64, limit=99, page_size=16) == 36
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from([0, 1, 2, 2.0, float("inf")]), st.sampled_from([0, 1, 1.0, 3])), min_size=1),
+    st.integers(0, 50),
+)
+def test_pick_lowest_is_the_plain_definition(ranks, rotation):
+    """The C-level argmin (all-tied and partly-tied fast paths, mixed int/float costs) picks what
+    the definition says: lowest cost, then least queued work, then the rotation among those left."""
+    scores, queued = [s for s, _ in ranks], [q for _, q in ranks]
+    best = min(scores)
+    tied = [i for i, s in enumerate(scores) if s == best]
+    least = min(queued[i] for i in tied)
+    tied = [i for i in tied if queued[i] == least]
+    expected = (tied[rotation % len(tied)], len(tied) > 1) if len(tied) > 1 else (tied[0], False)
+    if scores.count(best) == 1:
+        expected = (scores.index(best), False)
+    assert pick_lowest(scores, queued, rotation) == expected

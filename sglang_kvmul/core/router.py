@@ -88,6 +88,7 @@ class KvmulRouter:
         # snapshot), so a decision copies four lists instead of reading 4 x ranks properties.
         self._queued, self._running = [0] * num_ranks, [0] * num_ranks
         self._waiting, self._kv = [0] * num_ranks, [0] * num_ranks
+        self._batch = [0] * num_ranks  # running + waiting
         self._pending_ranks: set[int] = set()  # ranks with in-flight prompts to credit
         self.pending = [PendingPrefixes() for _ in range(num_ranks)]
         # A stale rank lost KV events for good: its mirror is not trusted (scored as caching
@@ -133,6 +134,7 @@ class KvmulRouter:
             waiting=self._waiting[:],
             kv_tokens=self._kv[:],
             page_size=self.page_size,
+            batch=self._batch[:],
         )
         if self.rule.reads_capacity:  # kept off the decisions of rules that do not read them
             view.max_running = [ld.max_running for ld in loads]
@@ -249,6 +251,7 @@ class KvmulRouter:
         self._queued[r] = ld.queued_uncached
         self._running[r] = ld.running
         self._waiting[r] = ld.waiting
+        self._batch[r] = ld.batch_size
         self._kv[r] = ld.kv_tokens
 
 

@@ -6,7 +6,8 @@ Pure functions on plain numbers: the live controller, the guard and the simulato
 from __future__ import annotations
 
 from collections.abc import Sequence
-from operator import add, mul
+from itertools import compress, repeat
+from operator import add, eq, mul
 
 _PLUS_ONE = (1).__add__
 
@@ -49,7 +50,14 @@ def pick_lowest(scores: Sequence[float], queued_uncached: Sequence[int], rotatio
     best = min(scores)
     if scores.count(best) == 1:  # the common case, at C speed
         return scores.index(best), False
-    tied = [i for i, s in enumerate(scores) if s == best]
-    least = min(map(queued_uncached.__getitem__, tied))
-    tied = [i for i in tied if queued_uncached[i] == least]
+    # ties are common (idle ranks sharing a system prompt): C-level passes, no per-rank Python
+    count = scores.count(best)
+    if count == len(scores):  # every rank tied (an idle deployment): no index lists at all
+        tied, queued = range(count), queued_uncached
+    else:
+        tied = list(compress(range(len(scores)), map(eq, scores, repeat(best))))  # not best.__eq__: int vs float
+        queued = list(map(queued_uncached.__getitem__, tied))
+    least = min(queued)
+    if queued.count(least) != len(tied):
+        tied = list(compress(tied, map(eq, queued, repeat(least))))
     return tied[rotation % len(tied)], len(tied) > 1

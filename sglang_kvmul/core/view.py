@@ -34,12 +34,15 @@ class RankView:
     def uncached(self) -> list[int]:
         return list(map(self.prompt_len.__sub__, self.cached))
 
-    @cached_property
-    def batch(self) -> list[int]:
-        """Running + waiting per rank (computed once per view: rules and the router both read it)."""
-        if len(self.running) != len(self.waiting):
-            raise ValueError("running and waiting differ in length")
-        return list(map(add, self.running, self.waiting))
+    # Running + waiting per rank (rules and the router both read it): given by the router, which
+    # keeps it current per rank instead of adding two lists on every request; else computed here.
+    batch: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.batch) != len(self.running):
+            if len(self.running) != len(self.waiting):
+                raise ValueError("running and waiting differ in length")
+            self.batch = list(map(add, self.running, self.waiting))
 
 
 @dataclass(frozen=True, slots=True)
