@@ -17,6 +17,7 @@ these runs are for. Runs go to a process pool (`--workers`, default 2: this mach
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import time
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from benchmarks.common import DEFAULT_TRACE, RESULTS, add_trace_arg, pyplot, stats, trace_path, write_results
 from sglang_kvmul.sim import workloads
-from sglang_kvmul.sim.cost import PROFILES
+from sglang_kvmul.sim.cost import PROFILES, RooflineCost
 from sglang_kvmul.sim.engine import SimConfig, Simulation
 from sglang_kvmul.sim.rank import RankConfig
 
@@ -63,13 +64,23 @@ def _workload(name: str, params_json: str) -> list[workloads.TraceRequest]:
     return reqs
 
 
+def scaled_cost(profile: str, scale: dict | None):
+    """The profile's cost, its roofline efficiency factors (assumed, not measured) multiplied by
+    `scale` (`mfu`, `bw_eff`), each capped at 1.0 (the card's peak)."""
+    cost = PROFILES[profile].cost
+    if scale and isinstance(cost, RooflineCost):
+        mfu = min(1.0, cost.mfu * scale.get("mfu", 1.0))
+        cost = dataclasses.replace(cost, mfu=mfu, bw_eff=min(1.0, cost.bw_eff * scale.get("bw_eff", 1.0)))
+    return cost
+
+
 def run(spec: dict) -> dict:
     """One simulation -> its summary row (runs in a pool worker; workloads cached per worker)."""
     work = _workload(spec["workload"], json.dumps(spec["params"], sort_keys=True))
     rank = RankConfig(**spec.get("rank", {}))
     cfg = SimConfig(ranks=spec["ranks"], rank=rank, rule=spec["rule"])
     t0 = time.perf_counter()
-    sim = Simulation(cfg, PROFILES[spec["profile"]].cost, speeds=spec.get("speeds"))
+    sim = Simulation(cfg, scaled_cost(spec["profile"], spec.get("scale")), speeds=spec.get("speeds"))
     reqs = sim.run(work)
     wall = time.perf_counter() - t0
     ttft = np.array([r.first_token - r.arrival for r in reqs]) * 1e3
@@ -82,11 +93,33 @@ def run(spec: dict) -> dict:
         "requests": len(reqs),
         **{f"ttft_{k}_ms": v for k, v in stats(ttft).items()},
         **{f"tpot_{k}_ms": v for k, v in stats(tpot).items()},
+        **attribution(reqs),
         "hit_ratio": sum(r.cached for r in reqs) / sum(len(r.tokens) for r in reqs),
         "imbalance": float(work_per_rank.max() / max(1.0, work_per_rank.mean())),
         "guard_trips": dict(getattr(sim.router.rule, "trips", {})),
         "sim_wall_s": wall,
         "ttft_hist": np.histogram(np.log10(np.maximum(ttft, 1e-3)), bins=60, range=(-1, 5))[0].tolist(),
+    }
+
+
+def attribution(reqs: list) -> dict:
+    """Where each request's time went (means, ms; tokens per request), for `sim_diagnosis`:
+    TTFT = queueing (behind other prefills) + KV wait (at the queue head, no room) + prefill (its
+    own chunks, and whatever ran between them); TPOT = decoding + stall (decode time lost to
+    prefill steps on its rank, per output token); prefill tokens a better-cached rank had
+    (affinity) or that were evicted between routing and admission (eviction)."""
+    kv_wait = np.array([r.kv_wait for r in reqs])
+    admitted = np.array([r.admitted_at - r.arrival for r in reqs])
+    prefill = np.array([r.first_token - r.admitted_at for r in reqs])
+    outs = [r for r in reqs if r.output_len > 1]
+    stall = np.array([r.stall / (r.output_len - 1) for r in outs])
+    return {
+        "ttft_queue_ms": float((admitted - kv_wait).mean() * 1e3),
+        "ttft_kv_wait_ms": float(kv_wait.mean() * 1e3),
+        "ttft_prefill_ms": float(prefill.mean() * 1e3),
+        "tpot_stall_ms": float(stall.mean() * 1e3) if len(outs) else 0.0,
+        "affinity_lost_tokens": float(np.mean([r.best_cached - r.predicted_cached for r in reqs])),
+        "evicted_tokens": float(np.mean([max(0, r.predicted_cached - r.cached) for r in reqs])),
     }
 
 

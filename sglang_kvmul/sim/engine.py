@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from sglang_kvmul.core.load_ledger import LoadSnapshotView
 from sglang_kvmul.core.router import KvmulRouter
-from sglang_kvmul.core.rules import rule_by_name
+from sglang_kvmul.core.rules import DEFAULT_RULE, rule_by_name
 from sglang_kvmul.sim.cost import CostModel, LinearCost, ScaledCost
 from sglang_kvmul.sim.rank import RankConfig, SimRank, SimRequest
 from sglang_kvmul.sim.workloads import TraceRequest
@@ -27,7 +27,7 @@ SNAPSHOT_EVERY_DECODES = 8
 class SimConfig:
     ranks: int = 4
     rank: RankConfig = field(default_factory=RankConfig)
-    rule: str = "kvmul"  # any `core.rules.REGISTRY` spelling
+    rule: str = DEFAULT_RULE  # any `core.rules.REGISTRY` spelling
     event_delay_s: float = 0.002  # KV events and load snapshots reach the router this much later
     fuse_decode: bool = True  # take uninterruptible decode runs as one block (same timeline, faster)
 
@@ -88,7 +88,7 @@ class Simulation:
                 nxt += 1
                 now = req.arrival
                 d = self.router.route(req.tokens, len(req.tokens) - 1, now)
-                req.rank, req.predicted_cached = d.rank, d.predicted_cached
+                req.rank, req.predicted_cached, req.best_cached = d.rank, d.predicted_cached, max(d.cached)
                 rank = self.ranks[d.rank]
                 rank.enqueue(req)
                 end = rank.interrupt(now)

@@ -1,7 +1,8 @@
 """One simulated SGLang rank: what its scheduler does that matters for routing.
 
-FCFS waiting queue; a step is either a prefill batch (SGLang's default: it stalls decoding, no mixed
-chunks) or one decode token for every running request. Runs of decode steps that nothing can
+FCFS waiting queue; a step is either a prefill batch (SGLang's default: it stalls decoding; with
+`mixed_chunk`, SGLang's --enable-mixed-chunk, the running requests decode one token inside it) or
+one decode token for every running request. Runs of decode steps that nothing can
 interrupt (no request finishes; a request routed here cuts the block with `interrupt`) are taken as
 one block, step times summed exactly: the same timeline as stepping one by one, many fewer events. A
 prefill batch takes waiting requests in order while their uncached tokens fit the chunked-prefill
@@ -39,6 +40,12 @@ class SimRequest:
     chunk: int = 0  # prompt tokens in the step in flight
     prompt_pages: int = 0  # KV pages reserved for the uncached prompt, until it enters the cache
     decode_pages: int = 0  # KV pages reserved for the output, until the request finishes
+    # where the time went (`benchmarks/sim_diagnosis.py`)
+    best_cached: int = 0  # the most any rank had cached for it when it was routed (the router's view)
+    admitted_at: float | None = None  # its first prefill chunk started
+    kv_blocked_at: float | None = None  # it first failed admission for want of KV pages
+    kv_wait: float = 0.0  # time at the queue head waiting for KV pages
+    stall: float = 0.0  # decode time lost to prefill steps while it was running
 
 
 @dataclass
@@ -48,6 +55,9 @@ class RankConfig:
     chunk_tokens: int = 8192
     max_running: int = 256
     decode_reserve_tokens: int = 256  # per admitted request (SGLang's new-token reservation)
+    # SGLang's --enable-mixed-chunk: running requests decode one token inside each prefill step
+    # (default off, as in SGLang: a prefill step pauses every running decode on the rank)
+    mixed_chunk: bool = False
 
 
 class SimRank:
@@ -70,6 +80,7 @@ class SimRank:
         self.block_steps = 0  # decode steps in the block in flight
         self.block_start = 0.0
         self.version = 0  # bumped when the block in flight is cut short (its old end is void)
+        self.mixed = False  # the prefill step in flight also decodes the running requests
         # running totals over the waiting queue: a snapshot must not walk a queue of thousands
         self.waiting_tokens = 0  # prompt tokens
         self.waiting_uncached = 0  # prompt tokens not cached and not prefilled yet
@@ -97,9 +108,13 @@ class SimRank:
             self.cache.evict(short)
             self.cache.unref(path, now)
             if prompt_pages + decode_pages > self.cache.free_pages - self.reserved_pages:
+                if req.kv_blocked_at is None:
+                    req.kv_blocked_at = now
                 return False
+        if req.kv_blocked_at is not None:
+            req.kv_wait += now - req.kv_blocked_at
         self.cache.ref(path)
-        req.path, req.admitted = path, True
+        req.path, req.admitted, req.admitted_at = path, True, now
         req.cached = len(path) * self.cfg.page_size
         self.waiting_uncached -= req.cached  # only the queue head is admitted
         req.prompt_pages, req.decode_pages = prompt_pages, decode_pages
@@ -139,6 +154,17 @@ class SimRank:
             self.prefilling = batch
             self.decoding = False
             step = self.cost.prefill_s(tokens, context, len(batch))
+            self.mixed = self.cfg.mixed_chunk and bool(self.running)
+            if self.mixed:  # assumed: the decodes' tokens go through the layers with the chunk and
+                # their KV reads come on top (`decode_s` minus its fixed part); no GPU measurement
+                b = len(self.running)
+                step = self.cost.prefill_s(tokens + b, context, len(batch) + b)
+                step += self.cost.decode_s(b, self.context) - self.cost.decode_s(b, 0)
+                lost = step - self.cost.decode_s(b, self.context)  # vs a plain decode step
+            else:
+                lost = step
+            for req in self.running:  # paused (or, mixed, slowed) by this prefill
+                req.stall += max(0.0, lost)
             self.prefill_busy_s += step
             self.busy_until = now + step
         elif self.running:
@@ -185,6 +211,16 @@ class SimRank:
             done = [r for r in self.running if r.generated >= r.output_len]
             self.running = [r for r in self.running if r.generated < r.output_len]
         else:
+            if self.mixed:  # every running request decoded one token inside the prefill step
+                for req in self.running:
+                    req.generated += 1
+                self.context += len(self.running)
+                self.decoded += len(self.running)
+                done = [r for r in self.running if r.generated >= r.output_len]
+                self.running = [r for r in self.running if r.generated < r.output_len]
+                for req in done:
+                    self.context -= len(req.tokens) + req.generated
+                    self.decoded -= req.generated
             for req in self.prefilling:
                 req.prefilled += req.chunk
                 self.prefilled_total += req.chunk
