@@ -18,6 +18,46 @@ def test_kvmul_is_the_product_rule():
     assert pick("kvmul", view(cached=(900, 0), running=(10, 0))) == 1
 
 
+def test_marginal_latency_counts_the_queue_once_and_the_prefill_once_per_request_it_pauses():
+    # the docstring's case: both ranks backlogged (20000 queued tokens), the cached one with two
+    # more requests in its batch; a 4000-token prompt cached on rank 0 up to its last 100 tokens
+    backlogged = view(cached=(3900, 0), queued=(20000, 20000), running=(10, 8), prompt=4000)
+    assert pick("kvmul", backlogged) == 1  # (20000 + 100) * 11 > (20000 + 4000) * 9: re-prefill it
+    assert pick("marginal_latency", backlogged) == 0  # 20000 + 100 * 11 < 20000 + 4000 * 9: keep it
+    # idle ranks: the prefill pauses everything running there; 100 tokens over 51 requests cost
+    # more than 4000 tokens over none
+    busy = view(cached=(3900, 0), running=(50, 0), prompt=4000)
+    assert rule_by_name("marginal_latency").costs(busy) == [100 * 51, 4000]
+    assert pick("marginal_latency", busy) == 1
+    assert pick("marginal_latency", view(cached=(3900, 0), running=(30, 0), prompt=4000)) == 0  # 3100 < 4000
+
+
+def test_marginal_capped_leaves_a_rank_that_cannot_start_the_request():
+    # rank 0 holds the prefix but its batch is at SGLang's max_running_requests: the request would
+    # wait there for a slot, so it goes to the best rank that can start it
+    hot = view(cached=(3900, 0, 0), running=(8, 2, 1), max_running=(8, 8, 8), prompt=4000)
+    assert pick("marginal_latency", hot) == 0
+    choice = rule_by_name("marginal_capped").choose(hot, 0)
+    assert (choice.rank, choice.excluded) == (2, (0,))
+    # no KV room on rank 0 (9950 of 10000 tokens held, 100 more needed): the short wait for pages
+    # beats re-prefilling 3900 tokens elsewhere
+    full = view(cached=(3900, 0), kv=(9950, 0), max_kv=(10000, 10000), prompt=4000)
+    assert pick("marginal_capped", full) == 0
+    # every rank at its cap: plain marginal latency, nothing excluded
+    capped = view(cached=(3900, 0), running=(8, 8), max_running=(8, 8), prompt=4000)
+    assert rule_by_name("marginal_capped").choose(capped, 0).excluded == ()
+    assert pick("marginal_capped", capped) == 0
+
+
+def test_kvmul_excess_is_the_product_on_queues_above_the_shortest():
+    idle_somewhere = view(cached=(900, 0, 0), queued=(500, 0, 100), running=(3, 0, 1))
+    assert rule_by_name("kvmul_excess").costs(idle_somewhere) == rule_by_name("kvmul").costs(idle_somewhere)
+    # all backlogged by 20000 tokens: the common backlog moves nothing, the product moves the request
+    backlogged = view(cached=(3900, 0), queued=(20000, 20000), running=(10, 8), prompt=4000)
+    assert rule_by_name("kvmul_excess").costs(backlogged) == [100 * 11, 4000 * 9]
+    assert (pick("kvmul", backlogged), pick("kvmul_excess", backlogged)) == (1, 0)
+
+
 def test_cache_only_and_load_only():
     assert pick("cache_only", view(cached=(10, 900), running=(0, 50))) == 1
     assert pick("load_only", view(cached=(10, 900), running=(0, 50))) == 0

@@ -9,12 +9,30 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import add, mul
 
 from sglang_kvmul.core.guard import GuardedKvmul
-from sglang_kvmul.core.score import kvmul_scores, pick_lowest
+from sglang_kvmul.core.score import _PLUS_ONE, kvmul_scores, pick_lowest
 from sglang_kvmul.core.view import Choice, RankView, Rule
 
-__all__ = ["REGISTRY", "Choice", "CostRule", "RankView", "Rule", "RuleSpec", "rule_by_name", "rule_help"]
+_INF = float("inf")  # a ruled-out rank, inside the argmin only
+
+__all__ = [
+    "DEFAULT_RULE",
+    "REGISTRY",
+    "Choice",
+    "CostRule",
+    "RankView",
+    "Rule",
+    "RuleSpec",
+    "rule_by_name",
+    "rule_help",
+]
+
+
+# The rule `--load-balance-method kvmul` routes with unless `--kvmul-policy` names another (issue #14:
+# `benchmarks/results/sim/sim_diagnosis.md`); the paper's product stays selectable as `kvmul`.
+DEFAULT_RULE = "marginal_capped"
 
 
 class CostRule:
@@ -42,6 +60,69 @@ class Kvmul(CostRule):
 
     def costs(self, view: RankView) -> list[float]:
         return kvmul_scores(view.queued, view.uncached, view.batch)
+
+
+class MarginalLatency(CostRule):
+    """The latency a request adds on each rank, summed over the requests it affects:
+    queued + uncached * (batch + 1), in prefill tokens (no weight: both terms are prefill work).
+    Its own TTFT is the queue ahead of it plus its own prefill; its prefill then pauses every
+    request that will be running there (the batch) for as long. The queue ahead runs wherever this
+    request goes, so it counts once. The product `(queued + uncached) * (batch + 1)` counts it once
+    per request in the batch: when every rank is backlogged it moves a request off its cached
+    prefix to save a small queue difference and re-prefills it on a cluster with no slack
+    (simulated, 16 ranks, `sim_diagnosis.md`: the product re-prefilled 2,448 tokens per request
+    that another rank held on 120k-token pools, this rule 135; mean TTFT against the best of the
+    linear sweep and Dynamo's rule 1.53x -> 1.00x there, 1.90x -> 0.96x for agentic sessions on
+    Qwen3-30B-A3B pools, 0.81x -> 0.35x for Mooncake at 12x). What it gives up: tails under
+    overload (P99 TTFT at 12x 1.62x -> 2.24x of the best baseline's: a request whose prefix one
+    busy rank holds waits out that rank's queue) and some mean TTFT on Mooncake at 8x (689 ->
+    854 ms, still 1.02x of the best baseline)."""
+
+    name = "marginal_latency"
+
+    def costs(self, view: RankView) -> list[float]:
+        return list(map(add, view.queued, map(mul, view.uncached, map(_PLUS_ONE, view.batch))))
+
+
+class MarginalLatencyCapped(MarginalLatency):
+    """The default: `marginal_latency` among the ranks whose batch is below SGLang's
+    max_running_requests, when any is. A rank at its cap makes the request wait for a running
+    request to finish (a whole decode) however little prefill it needs there, which the prefill
+    terms do not see: with one hot 16k-token prompt and tiny suffixes, `marginal_latency` piles
+    requests onto the rank holding it (mean TTFT 1,471 ms, 1.81x the best baseline's); capped,
+    63 ms (the product: 100 ms). A full KV pool is not a reason to move: the wait for pages is
+    short next to re-prefilling the prefix elsewhere (excluding no-room ranks too made agentic
+    sessions on Qwen3-30B-A3B pools 47% slower)."""
+
+    name = "marginal_capped"
+    reads_capacity = True
+
+    def choose(self, view: RankView, rotation: int) -> Choice:
+        costs = self.costs(view)
+        caps = view.max_running
+        free = [not (cap and b >= cap) for b, cap in zip(view.batch, caps, strict=True)] if caps else []
+        if not free or all(free) or not any(free):
+            rank, tie = pick_lowest(costs, view.queued, rotation)
+            return Choice(rank, tie, costs)
+        rank, tie = pick_lowest([c if f else _INF for c, f in zip(costs, free, strict=True)], view.queued, rotation)
+        return Choice(rank, tie, costs, tuple(r for r, f in enumerate(free) if not f))
+
+
+class KvmulExcess(CostRule):
+    """The product on each rank's queue in excess of the shortest one:
+    (queued - min(queued) + uncached) * (batch + 1). The queue every rank has is backlog no choice
+    avoids, so only the excess is multiplied by the batch; with an idle rank (min 0) it is exactly
+    the product. A candidate from issue #14 that did not become the default: it keeps the
+    product's tails (P99 TTFT at 12x 1.62x -> 0.90x of the best baseline's) but not the KV-pressure
+    fix (120k-token pools 1.56x, agentic on Qwen3-30B-A3B pools 1.72x: backlogs are uneven)."""
+
+    name = "kvmul_excess"
+
+    def costs(self, view: RankView) -> list[float]:
+        floor = min(view.queued)
+        if not floor:
+            return kvmul_scores(view.queued, view.uncached, view.batch)
+        return kvmul_scores([q - floor for q in view.queued], view.uncached, view.batch)
 
 
 class CacheOnly(CostRule):
@@ -180,8 +261,11 @@ def _linear(arg: str | None) -> Rule:
 REGISTRY: dict[str, RuleSpec] = {
     s.name: s
     for s in (
-        RuleSpec("kvmul", "the LMetric product (queued + uncached) * (batch + 1); the default", _plain(Kvmul)),
+        RuleSpec("kvmul", "the LMetric product (queued + uncached) * (batch + 1)", _plain(Kvmul)),
         RuleSpec("kvmul_guard", "kvmul behind detectors for saturation, speed spread, backlog", _plain(GuardedKvmul)),
+        RuleSpec("marginal_latency", "queued + uncached * (batch + 1): latency added to all", _plain(MarginalLatency)),
+        RuleSpec("marginal_capped", "marginal_latency below max_running; the default", _plain(MarginalLatencyCapped)),
+        RuleSpec("kvmul_excess", "the product on queues in excess of the shortest", _plain(KvmulExcess)),
         RuleSpec("cache_only", "most cached tokens (pure affinity)", _plain(CacheOnly)),
         RuleSpec("load_only", "fewest running + waiting requests", _plain(LoadOnly)),
         RuleSpec("vllm_v1", "vLLM v1's balancer, 4 * waiting + running", _plain(VllmV1)),
