@@ -13,12 +13,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from sglang_kvmul.core.rules import DEFAULT_RULE
+
 PREFIX = "SGLANG_KVMUL_"
 
 
 @dataclass(frozen=True)
 class KvmulSettings:
-    policy: str = "kvmul"  # routing rule (`core.rules.REGISTRY`)
+    policy: str = DEFAULT_RULE  # routing rule (`core.rules.REGISTRY`)
     metrics_port: int | None = None  # Prometheus endpoint of the controller; None: off
     metrics_host: str = "127.0.0.1"
     decision_log: str | None = None  # append one JSON line per decision to this file
