@@ -1,0 +1,222 @@
+"""Why a rule loses where it loses: each case's TTFT and TPOT split into causes, rule by rule.
+
+For each case (16 ranks, simulated) every rule runs on the same workload; `sim_experiments.attribution`
+splits each request's time: TTFT = queueing behind other prefills + KV wait (at the queue head with
+no room in the pool) + its own prefill; TPOT = decoding + stall (decode time lost to prefill steps on
+its rank); and the prefill tokens a better-cached rank had (affinity) or that were evicted between
+routing and admission. The table then sets kvmul against the best of the linear sweep and Dynamo's
+rule for each metric, cause by cause. Results: benchmarks/results/sim/sim_diagnosis*.{json,md,png}.
+
+Step times come from the cost profiles of `sim/cost.py`: the GPU rooflines' efficiency factors are
+assumed, not measured (`--mfu-scale` / `--bw-scale` move them, `--cost-scales 0.5,2` repeats each case
+with both halved and doubled, capped at the card's peak); `--mixed-chunk` runs the ranks with
+SGLang's --enable-mixed-chunk; `--seeds` repeats each case on other workload seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from benchmarks import sim_experiments as sx
+from benchmarks.common import add_trace_arg, pyplot, trace_path
+from sglang_kvmul.sim.cost import PROFILES
+
+_7B, _MOE = "h100-qwen2.5-7b", "h100-qwen3-30b-a3b"
+
+
+def _table_case(workload: str, profile: str) -> dict:
+    return {"workload": workload, "params": sx.WORKLOADS[workload], "profile": profile}
+
+
+def _sweep_case(compression: float) -> dict:  # as `sim_experiments load-sweep`: half the trace, twice as fast
+    return {"workload": "mooncake", "params": {"fraction": 0.5, "time_compression": 2 * compression}, "profile": _7B}
+
+
+# The issue's grid: the 16-rank table (3 workloads x 2 model shapes), the stress set, the load sweep
+CASES: dict[str, dict] = {
+    **{f"{w}_{tag}": _table_case(w, prof) for w in sx.WORKLOADS for tag, prof in (("7b", _7B), ("moe", _MOE))},
+    **{f"stress_{name}": {**spec, "profile": _7B} for name, spec in sx.STRESS.items()},
+    **{f"sweep_{c:g}x": _sweep_case(c) for c in (4.0, 12.0, 16.0)},  # 8x: the table's mooncake_7b
+}
+GATES = {"ttft_mean_ms": 1.05, "tpot_mean_ms": 1.05, "ttft_p99_ms": 1.1}  # the issue's bar, vs the best baseline
+BASELINES = [*sx.LINEAR, "dynamo"]
+COMPONENTS = [
+    ("ttft_mean_ms", "TTFT"), ("ttft_queue_ms", "queue"), ("ttft_kv_wait_ms", "KV wait"),
+    ("ttft_prefill_ms", "prefill"), ("tpot_mean_ms", "TPOT"), ("tpot_stall_ms", "stall"),
+    ("hit_ratio", "hit"), ("affinity_lost_tokens", "affinity lost tok"), ("evicted_tokens", "evicted tok"),
+]  # fmt: skip
+
+
+def _specs(args: argparse.Namespace) -> list[dict]:
+    specs = []
+    for case in args.cases.split(","):
+        base = CASES[case]
+        profile = args.profile or base["profile"]
+        rank = {"kv_pages": PROFILES[profile].kv_tokens // 16, **base.get("rank", {}), "mixed_chunk": args.mixed_chunk}
+        for seed in range(args.seeds):
+            params = {**base["params"]}
+            if seed and base["workload"] != "mooncake":
+                params["seed"] = seed
+            elif seed:
+                params["seed"], params["fraction"] = seed, 0.9  # another 90% of the conversations
+            for eff in map(float, args.cost_scales.split(",")):
+                label = case if eff == 1.0 else f"{case}@eff{eff:g}"
+                scale = {"mfu": args.mfu_scale * eff, "bw_eff": args.bw_scale * eff}
+                for rule in args.rules.split(","):
+                    specs.append({"case": label, "seed": seed, "workload": base["workload"], "params": params,
+                                  "ranks": 16, "profile": profile, "rule": rule, "rank": rank,
+                                  "speeds": base.get("speeds"), "scale": scale})  # fmt: skip
+    return specs
+
+
+def _line(r: dict) -> str:
+    cells = [f"{r[k]:.3f}" if k == "hit_ratio" else f"{r[k]:.1f}" for k, _ in COMPONENTS]
+    return f"| {r['rule']} | " + " | ".join(cells) + " |"
+
+
+def versus(rows: list[dict], rule: str) -> list[str]:
+    """`rule` against the best baseline on each headline metric, cause by cause."""
+    ours = next((r for r in rows if r["rule"] == rule), None)
+    base = [r for r in rows if r["rule"] in BASELINES]
+    if ours is None or not base:
+        return []
+    out = [f"| {rule} minus the best on ... | " + " | ".join(n for _, n in COMPONENTS) + " |",
+           "|---" * (len(COMPONENTS) + 1) + "|"]  # fmt: skip
+    for metric in ("ttft_mean_ms", "tpot_mean_ms", "ttft_p99_ms"):
+        best = min(base, key=lambda r: r[metric])
+        diffs = [f"{ours[k] - best[k]:+.{3 if k == 'hit_ratio' else 1}f}" for k, _ in COMPONENTS]
+        ratio = ours[metric] / best[metric]
+        out.append(f"| {metric} ({best['rule']}, {rule} at {ratio:.2f}x) | " + " | ".join(diffs) + " |")
+    return out
+
+
+def _key(spec: dict) -> str:
+    """What makes two runs the same run (the rule, case, seed, rank config and cost scale)."""
+    return json.dumps([spec[k] for k in ("case", "seed", "rule", "rank", "scale", "profile")], sort_keys=True)
+
+
+def _reused(names: str, specs: list[dict]) -> list[dict]:
+    """Rows of earlier runs (`--reuse a,b`) that this run would repeat: the baselines do not change
+    when a candidate rule does, so a new candidate runs alone."""
+    wanted = {_key(s) for s in specs}
+    rows = []
+    for name in names.split(","):
+        doc = json.loads((sx.OUT / f"{name}.json").read_text())
+        rows += [r for r in doc["rows"] if _key(r) in wanted and _key(r) not in {_key(x) for x in rows}]
+    return rows
+
+
+def _ratios(rows: list[dict], rule: str) -> list[tuple[str, int, dict[str, float]]]:
+    """(case, seed, {metric: rule's value / the best baseline's}) for every case the rule ran."""
+    out = []
+    for case, seed in sorted({(r["case"], r["seed"]) for r in rows}):
+        sub = [r for r in rows if r["case"] == case and r["seed"] == seed]
+        base = [r for r in sub if r["rule"] in BASELINES]
+        ours = next((r for r in sub if r["rule"] == rule), None)
+        if ours is not None and base:
+            out.append((case, seed, {m: ours[m] / min(r[m] for r in base) for m in GATES}))
+    return out
+
+
+def summary(rows: list[dict], rules: list[str]) -> list[str]:
+    """Per rule: how many cases meet the bar, the geometric mean of each ratio, and the worst one."""
+    out = ["| rule | cases meeting the bar | " + " | ".join(f"{m} geo-mean / worst" for m in GATES) + " |",
+           "|---" * (len(GATES) + 2) + "|"]  # fmt: skip
+    for rule in rules:
+        rs = _ratios(rows, rule)
+        if not rs:
+            continue
+        met = sum(all(r[m] <= g for m, g in GATES.items()) for _, _, r in rs)
+        cells = []
+        for m in GATES:
+            vals = [r[m] for _, _, r in rs]
+            worst = max(rs, key=lambda x, m=m: x[2][m])
+            cells.append(f"{float(np.exp(np.mean(np.log(vals)))):.2f} / {worst[2][m]:.2f} ({worst[0]})")
+        out.append(f"| {rule} | {met} of {len(rs)} | " + " | ".join(cells) + " |")
+    return out
+
+
+def verdict(rows: list[dict], rules: list[str]) -> list[str]:
+    """Each compared rule against the best baseline per metric and case: the ratio, and whether it
+    meets the bar (`GATES`)."""
+    out = ["| case | seed | rule | " + " | ".join(f"{m} / best (<= {g})" for m, g in GATES.items()) + " | meets |",
+           "|---" * (len(GATES) + 4) + "|"]  # fmt: skip
+    for case, seed in sorted({(r["case"], r["seed"]) for r in rows}):
+        sub = [r for r in rows if r["case"] == case and r["seed"] == seed]
+        base = [r for r in sub if r["rule"] in BASELINES]
+        for rule in rules:
+            ours = next((r for r in sub if r["rule"] == rule), None)
+            if ours is None or not base:
+                continue
+            ratios = {m: ours[m] / min(r[m] for r in base) for m in GATES}
+            cells = [f"{ratios[m]:.2f} ({min(base, key=lambda r, m=m: r[m])['rule']})" for m in GATES]
+            ok = all(ratios[m] <= g for m, g in GATES.items())
+            out.append(f"| {case} | {seed} | {rule} | " + " | ".join(cells) + f" | {'yes' if ok else 'NO'} |")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=",".join(CASES), help=f"of {', '.join(CASES)}")
+    ap.add_argument("--rules", default=",".join(["marginal_latency", "kvmul", *BASELINES]))
+    ap.add_argument("--compare", default="marginal_latency,kvmul", help="the rules set against the best baseline")
+    ap.add_argument("--profile", default=None, help="override each case's profile")
+    ap.add_argument("--mixed-chunk", action="store_true")
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--mfu-scale", type=float, default=1.0, help="roofline prefill efficiency x this")
+    ap.add_argument("--bw-scale", type=float, default=1.0, help="roofline decode bandwidth efficiency x this")
+    ap.add_argument("--cost-scales", default="1", help="also run with both efficiency factors x each (0.5,2)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--name", default="sim_diagnosis")
+    ap.add_argument("--reuse", default=None, help="earlier results (names) whose identical runs are not repeated")
+    add_trace_arg(ap)
+    args = ap.parse_args()
+    if any(CASES[c]["workload"] == "mooncake" for c in args.cases.split(",")):
+        sx.TRACE = trace_path(args.trace)  # checked here: a pool worker cannot exit with the message
+    specs = _specs(args)
+    reused = _reused(args.reuse, specs) if args.reuse else []
+    done = {_key(r) for r in reused}
+    rows = reused + sx.run_all([s for s in specs if _key(s) not in done], args.workers, "diagnosis")
+    compare = args.compare.split(",")
+    md = ["## Summary", "", *summary(rows, compare), "", "## Verdict", "", *verdict(rows, compare), ""]
+    for case, seed in sorted({(r["case"], r["seed"]) for r in rows}):
+        sub = sorted((r for r in rows if r["case"] == case and r["seed"] == seed), key=lambda r: r["ttft_mean_ms"])
+        md += [f"## {case}, seed {seed}", "", "| rule | " + " | ".join(n for _, n in COMPONENTS) + " |",
+               "|---" * (len(COMPONENTS) + 1) + "|", *map(_line, sub), ""]  # fmt: skip
+        for rule in compare:
+            md += [*versus(sub, rule), ""]
+    _plot(rows, args)
+    sx._save(args.name, vars(args), rows, md)
+
+
+def _plot(rows: list[dict], args: argparse.Namespace) -> None:
+    """TTFT split into causes, per rule within 5x of the fastest, one panel per case (seed 0)."""
+    plt = pyplot()
+    cases = sorted({r["case"] for r in rows})
+    cols = min(4, len(cases))
+    n_rows = -(-len(cases) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(5 * cols, 4.2 * n_rows), squeeze=False)
+    for ax in axes.flat[len(cases) :]:
+        ax.set_visible(False)
+    for ax, case in zip(axes.flat, cases, strict=False):
+        sub = sorted((r for r in rows if r["case"] == case and r["seed"] == 0), key=lambda r: r["ttft_mean_ms"])
+        sub = [r for r in sub if r["ttft_mean_ms"] <= 5 * sub[0]["ttft_mean_ms"]]  # the rest is off the scale
+        x = np.arange(len(sub))
+        bottom = np.zeros(len(sub))
+        for key, label in (("ttft_queue_ms", "queue"), ("ttft_kv_wait_ms", "KV wait"), ("ttft_prefill_ms", "prefill")):
+            vals = np.array([r[key] for r in sub])
+            ax.bar(x, vals, bottom=bottom, label=label)
+            bottom += vals
+        ax.set_xticks(x, [r["rule"] for r in sub], rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("mean TTFT (ms), stacked by cause")
+        ax.set_title(f"{case}{' (mixed chunks)' if args.mixed_chunk else ''}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(sx.OUT / f"{args.name}.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
