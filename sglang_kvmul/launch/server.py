@@ -2,8 +2,9 @@
 
 Every `sglang.launch_server` flag works unchanged; see `launch_args` for the defaults added. Own
 flags: `--kvmul-metrics-port P` (Prometheus metrics of the controller; `--kvmul-metrics-host`,
-default 127.0.0.1) and `--kvmul-policy NAME` (a baseline rule on the same exact inputs, for
-comparisons: cache_only, load_only, vllm_v1, linear:<alpha>, dynamo, sglang_cache_aware).
+default 127.0.0.1) and `--kvmul-policy NAME` (the routing rule; default `marginal_capped`; `kvmul`
+is the paper's product; baselines on the same exact inputs, for comparisons: cache_only,
+load_only, vllm_v1, linear:<alpha>, dynamo, sglang_cache_aware; all in `core.rules.REGISTRY`).
 With `--device cpu`, the CPU compatibility environment is set up first. With kvmul, `/health` and
 `/health_generate` answer 503 naming the ranks while a DP rank is down (`serving.health`).
 """
