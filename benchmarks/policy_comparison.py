@@ -46,6 +46,7 @@ from sglang_kvmul.serving.settings import KvmulSettings
 from sglang_kvmul.sim import workloads
 
 TRACE = DEFAULT_TRACE  # main() sets the --trace argument
+OWN_FLAGS = ("render", "append")  # how this invocation ran, not what it measured
 FEATURED = KvmulSettings().policy  # the default rule: the verdict is about it
 RULES = tuple(dict.fromkeys((FEATURED, "kvmul", "cache_only", "load_only", "vllm_v1", "dynamo", "sglang_cache_aware")))
 STOCK = ("round_robin", "total_requests", "total_tokens")
@@ -443,7 +444,7 @@ def main() -> None:
         write_trace(reqs, traces[wl])
         tqdm.write(f"{wl}: {workloads.summary(reqs)}")
     config = {
-        "run": {k: v for k, v in vars(args).items() if k not in ("render", "append")},
+        "run": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in OWN_FLAGS},
         "workloads": {wl: workloads.summary(WORKLOADS[wl](args.token_scale)) for wl in wls},
     }
     runs: dict[str, list[dict]] = {wl: [] for wl in wls}
