@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sglang_kvmul.harness.local_server import cpu_server_args, running_server
 from sglang_kvmul.harness.tiny_model import build
-from sglang_kvmul.launch_server import _cuda_available
+from sglang_kvmul.launch.server import _cuda_available
 from sglang_kvmul.serving.settings import KvmulSettings
 
 
