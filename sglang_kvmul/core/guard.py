@@ -31,11 +31,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from sglang_kvmul.core.score import kvmul_scores, pick_lowest
+from sglang_kvmul.core.score import kvmul_scores, pick_lowest, pick_lowest_among
 from sglang_kvmul.core.tunables import SPEED_SPREAD
 from sglang_kvmul.core.view import Choice, RankView
-
-_INF = float("inf")  # internal only: a Choice's costs stay finite (they go to JSON and to a gauge)
 
 
 def saturated(view: RankView, rank: int) -> bool:
@@ -96,4 +94,4 @@ class GuardedKvmul:
 
     @staticmethod
     def _pick(costs: list[float], keep: list[bool], queued, rotation: int) -> tuple[int, bool]:
-        return pick_lowest([c if k else _INF for c, k in zip(costs, keep, strict=True)], queued, rotation)
+        return pick_lowest_among(costs, keep, queued, rotation)

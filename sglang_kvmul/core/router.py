@@ -17,10 +17,8 @@ from sglang_kvmul.core.pending import PendingPrefixes
 from sglang_kvmul.core.prefix import cached_tokens
 from sglang_kvmul.core.radix_index import SharedRadixIndex
 from sglang_kvmul.core.rules import Kvmul
-from sglang_kvmul.core.score import pick_lowest
+from sglang_kvmul.core.score import pick_lowest_among
 from sglang_kvmul.core.view import RankView, Rule
-
-_INF = float("inf")
 
 
 class NoRankAvailable(RuntimeError):
@@ -148,9 +146,7 @@ class KvmulRouter:
                 live = [not d for d in self.down]
             if not any(live):
                 raise NoRankAvailable("every DP rank is down")
-            rank, tie = pick_lowest(
-                [x if ok else _INF for x, ok in zip(c.costs, live, strict=True)], view.queued, self._rotation
-            )
+            rank, tie = pick_lowest_among(c.costs, live, view.queued, self._rotation)
             excluded = tuple(r for r, ok in enumerate(live) if not ok)
         return Decision(rank, n, root, cached, from_pending, view.queued, view.batch, c.costs, tie, excluded)
 

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from operator import add, mul
 
 from sglang_kvmul.core.guard import GuardedKvmul
-from sglang_kvmul.core.score import _PLUS_ONE, kvmul_scores, pick_lowest
+from sglang_kvmul.core.score import _PLUS_ONE, kvmul_scores, pick_lowest, pick_lowest_among
 from sglang_kvmul.core.view import Choice, RankView, Rule
-
-_INF = float("inf")  # a ruled-out rank, inside the argmin only
 
 __all__ = [
     "DEFAULT_RULE",
@@ -104,7 +102,7 @@ class MarginalLatencyCapped(MarginalLatency):
         if not free or all(free) or not any(free):
             rank, tie = pick_lowest(costs, view.queued, rotation)
             return Choice(rank, tie, costs)
-        rank, tie = pick_lowest([c if f else _INF for c, f in zip(costs, free, strict=True)], view.queued, rotation)
+        rank, tie = pick_lowest_among(costs, free, view.queued, rotation)
         return Choice(rank, tie, costs, tuple(r for r, f in enumerate(free) if not f))
 
 

@@ -10,6 +10,7 @@ from itertools import compress, repeat
 from operator import add, eq, mul
 
 _PLUS_ONE = (1).__add__
+_INF = float("inf")  # a ruled-out rank, inside the argmin only
 
 
 def kvmul_scores(
@@ -61,3 +62,11 @@ def pick_lowest(scores: Sequence[float], queued_uncached: Sequence[int], rotatio
     if queued.count(least) != len(tied):
         tied = list(compress(tied, map(eq, queued, repeat(least))))
     return tied[rotation % len(tied)], len(tied) > 1
+
+
+def pick_lowest_among(
+    scores: Sequence[float], allowed: Sequence[bool], queued_uncached: Sequence[int], rotation: int
+) -> tuple[int, bool]:
+    """`pick_lowest` over the ranks marked allowed (at least one must be): the others are never picked
+    and their scores are left as they are for the caller to report."""
+    return pick_lowest([x if ok else _INF for x, ok in zip(scores, allowed, strict=True)], queued_uncached, rotation)
