@@ -70,6 +70,25 @@ class LocalServer:
             time.sleep(0.25)  # polling interval while waiting for /health, not a synchronisation
         raise TimeoutError(f"server not healthy after {timeout:.0f} s:\n{self.log_tail()}")
 
+    def wait_child(self, title: str, timeout: float) -> None:
+        """Wait until a process titled `title` (e.g. `sglang::data_parallel_controller`) runs under this server.
+
+        SGLang starts its subprocesses only after it has checked its ports, so two "nodes" on one
+        machine start in turn: node 0 binds ports on the cluster address that node 1's checks
+        (which bind every interface) would otherwise find taken, and node 1 gives up after 30 s.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with suppress(psutil.Error):
+                for child in psutil.Process(self.proc.pid).children(recursive=True):
+                    with suppress(psutil.Error):
+                        if title in " ".join(child.cmdline()):
+                            return
+            time.sleep(0.25)  # polling interval while waiting for the process, not a synchronisation
+        raise TimeoutError(f"no {title} process after {timeout:.0f} s:\n{self.log_tail()}")
+
     def stop(self) -> None:
         pids = {self.proc.pid}
         with suppress(psutil.Error):  # before the kill: whose shared-memory queues are ours
