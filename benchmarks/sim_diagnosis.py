@@ -22,6 +22,7 @@ import numpy as np
 
 from benchmarks import sim_experiments as sx
 from benchmarks.common import add_trace_arg, pyplot, trace_path
+from sglang_kvmul.core.rules import DEFAULT_RULE
 from sglang_kvmul.sim.cost import PROFILES
 
 _7B, _MOE = "h100-qwen2.5-7b", "h100-qwen3-30b-a3b"
@@ -43,6 +44,7 @@ CASES: dict[str, dict] = {
 }
 GATES = {"ttft_mean_ms": 1.05, "tpot_mean_ms": 1.05, "ttft_p99_ms": 1.1}  # the bar, vs the best baseline
 BASELINES = [*sx.LINEAR, "dynamo"]
+CANDIDATES = list(dict.fromkeys([DEFAULT_RULE, "marginal_capped", "marginal_latency", "kvmul_excess", "kvmul"]))
 COMPONENTS = [
     ("ttft_mean_ms", "TTFT"), ("ttft_queue_ms", "queue"), ("ttft_kv_wait_ms", "KV wait"),
     ("ttft_prefill_ms", "prefill"), ("tpot_mean_ms", "TPOT"), ("tpot_stall_ms", "stall"),
@@ -161,8 +163,8 @@ def verdict(rows: list[dict], rules: list[str]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=",".join(CASES), help=f"of {', '.join(CASES)}")
-    ap.add_argument("--rules", default=",".join(["marginal_latency", "kvmul", *BASELINES]))
-    ap.add_argument("--compare", default="marginal_latency,kvmul", help="the rules set against the best baseline")
+    ap.add_argument("--rules", default=",".join([*CANDIDATES, *BASELINES]))
+    ap.add_argument("--compare", default=",".join(CANDIDATES), help="the rules set against the best baseline")
     ap.add_argument("--profile", default=None, help="override each case's profile")
     ap.add_argument("--mixed-chunk", action="store_true")
     ap.add_argument("--seeds", type=int, default=1)

@@ -18,6 +18,7 @@ from routing_checks import (
     check_shared_prefixes_stick_and_unrelated_prompts_spread,
 )
 
+from sglang_kvmul.core.rules import DEFAULT_RULE
 from sglang_kvmul.cpu_compat import cpu_env
 from sglang_kvmul.harness.local_server import cpu_server_args, running_server
 from sglang_kvmul.launch.args import kv_events_config
@@ -90,7 +91,7 @@ def test_patched_sglang_routes_by_kvmul_without_the_plugin(patched_server):
     log = patched_server.server.log_path.read_text()
     assert "Loaded plugin kvmul" not in log
     # the controller that routes is the patched-in module, not the installed sglang_kvmul package
-    assert "kvmul (sglang.srt.managers.kvmul.serving.controller): rule marginal_capped, 2 DP ranks" in log
+    assert f"kvmul (sglang.srt.managers.kvmul.serving.controller): rule {DEFAULT_RULE}, 2 DP ranks" in log
     assert "kvmul: KV-event sockets accept only 127.0.0.1" in log  # the patched publisher's guard
     info = requests.get(patched_server.url + "/server_info", timeout=10).json()
     assert info["load_balance_method"] == "kvmul"

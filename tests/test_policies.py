@@ -49,6 +49,35 @@ def test_marginal_capped_leaves_a_rank_that_cannot_start_the_request():
     assert pick("marginal_capped", capped) == 0
 
 
+def test_marginal_capped_keeps_a_full_rank_when_every_free_rank_has_more_queued():
+    # overload: rank 0 at its cap with 1000 tokens queued, rank 1 below it with 50000 (few long
+    # prompts): the cap must not send everyone into the longest queue
+    long_queue = view(cached=(0, 0), queued=(1000, 50000), running=(8, 1), max_running=(8, 8))
+    choice = rule_by_name("marginal_capped").choose(long_queue, 0)
+    assert (choice.rank, choice.excluded) == (0, ())  # 1000 + 1000 * 9 < 50000 + 1000 * 2
+    short_queue = view(cached=(0, 0), queued=(1000, 500), running=(8, 1), max_running=(8, 8))
+    choice = rule_by_name("marginal_capped").choose(short_queue, 0)
+    assert (choice.rank, choice.excluded) == (1, (0,))
+
+
+def test_marginal_bounded_lets_no_request_wait_more_than_a_prompt_and_the_mean_backlog_extra():
+    # 1000 uncached tokens everywhere; rank 0 has a queue and no batch, ranks 1 and 2 none and 50
+    # running: the sum of latencies prefers the queue (5000 + 1000 < 1000 * 51); the bound does
+    # not: own wait 6000 > shortest 1000 + prompt 1000 + mean queued 5000 / 3
+    isolated = view(cached=(0, 0, 0), queued=(5000, 0, 0), running=(0, 50, 50))
+    assert pick("marginal_capped", isolated) == 0
+    choice = rule_by_name("marginal_bounded").choose(isolated, 0)
+    assert choice.rank in (1, 2) and choice.excluded == (0,)
+    # within the slack (1200 + 1000 <= 1000 + 1000 + 400): the sum decides again
+    assert pick("marginal_bounded", view(cached=(0, 0, 0), queued=(1200, 0, 0), running=(0, 50, 50))) == 0
+    # a cached prefix stays while its own wait there is within the slack (1600 <= 2500; 3400 > 3100)
+    assert pick("marginal_bounded", view(cached=(900, 0, 0), queued=(1500, 0, 0), running=(0, 50, 50))) == 0
+    assert pick("marginal_bounded", view(cached=(900, 0, 0), queued=(3300, 0, 0), running=(0, 50, 50))) != 0
+    # every rank backlogged alike: the slack grows with the backlog, so the sum keeps its choice
+    congested = view(cached=(0, 0, 0), queued=(60000, 50000, 50000), running=(0, 50, 50))
+    assert pick("marginal_bounded", congested) == pick("marginal_capped", congested) == 0
+
+
 def test_kvmul_excess_is_the_product_on_queues_above_the_shortest():
     idle_somewhere = view(cached=(900, 0, 0), queued=(500, 0, 100), running=(3, 0, 1))
     assert rule_by_name("kvmul_excess").costs(idle_somewhere) == rule_by_name("kvmul").costs(idle_somewhere)

@@ -14,6 +14,7 @@ from routing_checks import (
     check_shared_prefixes_stick_and_unrelated_prompts_spread,
 )
 
+from sglang_kvmul.core.rules import DEFAULT_RULE
 from sglang_kvmul.harness.tiny_model import build
 
 pytestmark = pytest.mark.server
@@ -28,7 +29,7 @@ def attn_dp_server(tmp_path_factory: pytest.TempPathFactory):
 def test_kvmul_is_the_default_for_attention_dp(attn_dp_server):
     info = requests.get(attn_dp_server.url + "/server_info", timeout=10).json()
     assert info["load_balance_method"] == "kvmul" and info["attn_dp_size"] == 2 and info["dp_size"] == 1
-    assert "rule marginal_capped, 2 DP ranks" in attn_dp_server.server.log_path.read_text()
+    assert f"rule {DEFAULT_RULE}, 2 DP ranks" in attn_dp_server.server.log_path.read_text()
 
 
 def test_attention_dp_shared_prefixes_stick_and_unrelated_prompts_spread(attn_dp_server):

@@ -30,7 +30,7 @@ __all__ = [
 
 # The rule `--load-balance-method kvmul` routes with unless `--kvmul-policy` names another (issue #14:
 # `benchmarks/results/sim/sim_diagnosis.md`); the paper's product stays selectable as `kvmul`.
-DEFAULT_RULE = "marginal_capped"
+DEFAULT_RULE = "marginal_bounded"
 
 
 class CostRule:
@@ -72,9 +72,10 @@ class MarginalLatency(CostRule):
     that another rank held on 120k-token pools, this rule 135; mean TTFT against the best of the
     linear sweep and Dynamo's rule 1.53x -> 1.00x there, 1.90x -> 0.96x for agentic sessions on
     Qwen3-30B-A3B pools, 0.81x -> 0.35x for Mooncake at 12x). What it gives up: tails under
-    overload (P99 TTFT at 12x 1.62x -> 2.24x of the best baseline's: a request whose prefix one
-    busy rank holds waits out that rank's queue) and some mean TTFT on Mooncake at 8x (689 ->
-    854 ms, still 1.02x of the best baseline)."""
+    overload (P99 TTFT at 12x 1.62x -> 2.24x of the best baseline's: long prompts gather on the
+    few ranks with small batches and wait out their queues; the default, `marginal_bounded`,
+    bounds that) and some mean TTFT on Mooncake at 8x (689 -> 854 ms, still 1.02x of the best
+    baseline)."""
 
     name = "marginal_latency"
 
@@ -83,27 +84,68 @@ class MarginalLatency(CostRule):
 
 
 class MarginalLatencyCapped(MarginalLatency):
-    """The default: `marginal_latency` among the ranks whose batch is below SGLang's
+    """`marginal_latency` among the ranks whose batch is below SGLang's
     max_running_requests, when any is. A rank at its cap makes the request wait for a running
     request to finish (a whole decode) however little prefill it needs there, which the prefill
     terms do not see: with one hot 16k-token prompt and tiny suffixes, `marginal_latency` piles
     requests onto the rank holding it (mean TTFT 1,471 ms, 1.81x the best baseline's); capped,
-    63 ms (the product: 100 ms). A full KV pool is not a reason to move: the wait for pages is
-    short next to re-prefilling the prefix elsewhere (excluding no-room ranks too made agentic
-    sessions on Qwen3-30B-A3B pools 47% slower)."""
+    63 ms (the product: 100 ms). A rank at its cap stays a candidate when every rank below it has
+    more prefill queued: under overload the one rank below its cap can be the one with the longest
+    queue in tokens (few requests, long prompts), and sending everyone there turns the cap into a
+    pile-up. A full KV pool is not a reason to move: the wait for pages is short next to
+    re-prefilling the prefix elsewhere (excluding no-room ranks too made agentic sessions on
+    Qwen3-30B-A3B pools 47% slower)."""
 
     name = "marginal_capped"
     reads_capacity = True
 
+    def allowed(self, view: RankView) -> list[bool] | None:
+        """The candidate ranks (None: all of them)."""
+        caps = view.max_running
+        if not caps:
+            return None
+        free = [not (cap and b >= cap) for b, cap in zip(view.batch, caps, strict=True)]
+        if all(free) or not any(free):
+            return None
+        shortest = min(q for q, f in zip(view.queued, free, strict=True) if f)
+        return [f or q < shortest for q, f in zip(view.queued, free, strict=True)]
+
     def choose(self, view: RankView, rotation: int) -> Choice:
         costs = self.costs(view)
-        caps = view.max_running
-        free = [not (cap and b >= cap) for b, cap in zip(view.batch, caps, strict=True)] if caps else []
-        if not free or all(free) or not any(free):
+        allowed = self.allowed(view)
+        if allowed is None or all(allowed):
             rank, tie = pick_lowest(costs, view.queued, rotation)
             return Choice(rank, tie, costs)
-        rank, tie = pick_lowest_among(costs, free, view.queued, rotation)
-        return Choice(rank, tie, costs, tuple(r for r, f in enumerate(free) if not f))
+        rank, tie = pick_lowest_among(costs, allowed, view.queued, rotation)
+        return Choice(rank, tie, costs, tuple(r for r, a in enumerate(allowed) if not a))
+
+
+class MarginalBounded(MarginalLatencyCapped):
+    """The default: `marginal_capped` among the ranks where the request's own wait (queued +
+    uncached) is at most its shortest possible wait plus its prompt length plus the mean queued
+    prefill: no request waits, for the others' sake, longer than one more prefill of itself and an
+    average rank's backlog. No weight: all four terms are prefill tokens the controller knows.
+
+    Why: the sum of latencies isolates long prompts under overload. On Mooncake at 16x a
+    126k-token prompt joined a rank with 3.9M tokens queued and 81 requests rather than an empty
+    queue with 204, since pausing 204 decodes for its prefill costs more in total than its own
+    wait; long prompts gathered on a few ranks and were the P99 (79k tokens on average against 12k
+    overall): P99 TTFT at 12x/16x 2.24/2.51x of the best baseline's. Bounded (simulated, 16 ranks,
+    `sim_diagnosis.md`): 0.90/1.05x, mean TTFT 0.35/0.39x -> 0.70/0.69x (still ahead of every
+    baseline), 5 -> 9 of 13 cases within issue #14's bar. Why the backlog term: with the prompt
+    alone as slack (tried first) P99 was as good, but mean TTFT at 12x went to 1.26x and Mooncake
+    8x TPOT to 1.39x: the long prompts then paused big decode batches even when every rank was
+    congested. Scaling the slack with the backlog every request faces keeps the bound strict when
+    queues are short and lets the sum decide within what congestion costs anyway."""
+
+    name = "marginal_bounded"
+
+    def allowed(self, view: RankView) -> list[bool] | None:
+        allowed = super().allowed(view) or [True] * len(view.queued)
+        own = list(map(add, view.queued, view.uncached))
+        best = min(o for o, a in zip(own, allowed, strict=True) if a)
+        slack = view.prompt_len + sum(view.queued) / len(view.queued)
+        return [a and o <= best + slack for o, a in zip(own, allowed, strict=True)]
 
 
 class KvmulExcess(CostRule):
@@ -262,7 +304,8 @@ REGISTRY: dict[str, RuleSpec] = {
         RuleSpec("kvmul", "the LMetric product (queued + uncached) * (batch + 1)", _plain(Kvmul)),
         RuleSpec("kvmul_guard", "kvmul behind detectors for saturation, speed spread, backlog", _plain(GuardedKvmul)),
         RuleSpec("marginal_latency", "queued + uncached * (batch + 1): latency added to all", _plain(MarginalLatency)),
-        RuleSpec("marginal_capped", "marginal_latency below max_running; the default", _plain(MarginalLatencyCapped)),
+        RuleSpec("marginal_bounded", "marginal_capped, own wait bounded; the default", _plain(MarginalBounded)),
+        RuleSpec("marginal_capped", "marginal_latency below max_running", _plain(MarginalLatencyCapped)),
         RuleSpec("kvmul_excess", "the product on queues in excess of the shortest", _plain(KvmulExcess)),
         RuleSpec("cache_only", "most cached tokens (pure affinity)", _plain(CacheOnly)),
         RuleSpec("load_only", "fewest running + waiting requests", _plain(LoadOnly)),
