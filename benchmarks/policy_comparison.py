@@ -433,6 +433,8 @@ def main() -> None:
     cfgs = configs([float(a) for a in args.alphas.split(",")])
     if args.configs:
         keep = set(args.configs.split(","))
+        if unknown := keep - {c.name for c in cfgs}:
+            ap.error(f"unknown --configs {sorted(unknown)}; choose from {', '.join(c.name for c in cfgs)}")
         cfgs = [c for c in cfgs if c.name in keep]
     model = build(args.model)
     work = RESULTS / "policy_comparison.work"
