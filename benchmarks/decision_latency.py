@@ -6,7 +6,8 @@ turn extends the last), and one long agent session per rank that reaches the lon
 hashes are content-chained (as SGLang's), so equal content has equal hashes on every rank.
 Measured, one process, medians after warm-up:
   * decision: `KvmulRouter.decide` (first-page hash, one shared-index walk for all ranks, in-flight
-    credit, the LMetric score) for prompts whose first half is cached on rank 0;
+    credit, the rule's score and argmin; `--rule`, default the serving default; every rank busy with
+    its capacity reported) for prompts whose first half is cached on rank 0;
   * match only: the shared index walk alone;
   * Dynamo: `RadixTree.find_matches` of PyPI `ai-dynamo-runtime` on the same stored events, timed
     with its block hashing of the prompt (`compute_block_hash_for_seq`), which it needs;
@@ -34,7 +35,9 @@ from tqdm import tqdm
 from benchmarks.common import RESULTS, pyplot, write_results
 from sglang_kvmul.core.block_hash import first_page_hash
 from sglang_kvmul.core.events import BlockRemoved, BlockStored
+from sglang_kvmul.core.load_ledger import LoadSnapshotView
 from sglang_kvmul.core.router import KvmulRouter
+from sglang_kvmul.core.rules import DEFAULT_RULE, rule_by_name
 
 VOCAB = 32000
 HASH_MASK = (1 << 63) - 1
@@ -50,6 +53,8 @@ def rank_prompts(
     while len(session) < longest:
         session += rng.integers(0, VOCAB, int(rng.integers(2000, 8000))).tolist()
         prompts.append(session[:longest])
+    if not prompts:  # the system prompt alone reaches `longest`
+        prompts.append(session[:longest])
     session = prompts[-1]
     used = len(session)
     while used < total_tokens:
@@ -59,6 +64,17 @@ def rank_prompts(
             prompts.append(list(base))
         used += len(base) - len(systems[0])
     return prompts, session
+
+
+def busy_snapshot(rank: int) -> LoadSnapshotView:
+    """A rank serving a batch below its cap, with prefill queued and a measured speed: what the rule
+    reads in production (no snapshot would leave the capacity checks on their fast path)."""
+    running = 100 + 20 * (rank % 5)
+    return LoadSnapshotView(
+        timestamp=1.0, num_running_reqs=running, num_waiting_reqs=rank % 3, num_waiting_uncached_tokens=4096,
+        total_prefill_uncached_tokens=10**7, num_total_tokens=running * 3000, max_running_requests=256,
+        max_total_num_tokens=10**6, total_prefill_busy_us=10**6,
+    )  # fmt: skip
 
 
 def stored_events(prompts: list[list[int]], page: int) -> list[BlockStored]:
@@ -145,9 +161,10 @@ def dynamo_removed(ev: BlockRemoved, event_id: int) -> bytes:
 
 
 # ---- one rank count ----------------------------------------------------------------------
-def _ingest_ours(n_ranks: int, ps: int, per_rank: list, stored_tokens: int, seed: int) -> dict:
-    """Our router: ingest every rank's events, remove 10% of the leaves, restore them (all timed)."""
-    router = KvmulRouter(n_ranks, ps)
+def _ingest_ours(n_ranks: int, ps: int, per_rank: list, stored_tokens: int, seed: int, rule: str) -> dict:
+    """Our router (deciding by `rule`): ingest every rank's events, remove 10% of the leaves, restore
+    them (all timed)."""
+    router = KvmulRouter(n_ranks, ps, rule=rule_by_name(rule))
     t0 = time.perf_counter()
     for r, evs in enumerate(per_rank):
         router.apply_events(r, evs)
@@ -219,8 +236,10 @@ def run_ranks(n_ranks: int, args: argparse.Namespace, rng: np.random.Generator, 
     session = built[0][1]
     del built
     stored_tokens = sum(len(e.token_ids) for evs in per_rank for e in evs)
-    ours = _ingest_ours(n_ranks, ps, per_rank, stored_tokens, seed=n_ranks)
+    ours = _ingest_ours(n_ranks, ps, per_rank, stored_tokens, seed=n_ranks, rule=args.rule)
     router = ours["router"]
+    for r in range(n_ranks):  # each rank's load as its scheduler reports it: busy, capacity known
+        router.apply_snapshot(r, busy_snapshot(r), now=1.0)
     mem = _memory_per_token(n_ranks, ps, per_rank, stored_tokens) if n_ranks <= args.tracemalloc_max_ranks else None
     dyn = _ingest_dynamo(core, ps, per_rank, ours, stored_tokens) if core is not None else None
     rows = []
@@ -328,6 +347,7 @@ def main() -> None:
     ap.add_argument("--tracemalloc-max-ranks", type=int, default=16, help="memory probe cost grows with ranks")
     ap.add_argument("--no-dynamo", action="store_true")
     ap.add_argument("--name", default="decision_latency")
+    ap.add_argument("--rule", default=DEFAULT_RULE, help="the routing rule decide() scores with (the serving default)")
     args = ap.parse_args()
     ranks = [int(x) for x in args.ranks.split(",")]
     args.prompts = [int(x) for x in args.prompts.split(",")]

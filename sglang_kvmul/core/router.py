@@ -87,6 +87,8 @@ class KvmulRouter:
         self._queued, self._running = [0] * num_ranks, [0] * num_ranks
         self._waiting, self._kv = [0] * num_ranks, [0] * num_ranks
         self._batch = [0] * num_ranks  # running + waiting
+        # capacities and speed, for rules that read them (kept current like the rest, not rebuilt per request)
+        self._max_running, self._max_kv, self._speed = [0] * num_ranks, [0] * num_ranks, [0.0] * num_ranks
         self._pending_ranks: set[int] = set()  # ranks with in-flight prompts to credit
         self.pending = [PendingPrefixes() for _ in range(num_ranks)]
         # A stale rank lost KV events for good: its mirror is not trusted (scored as caching
@@ -123,7 +125,6 @@ class KvmulRouter:
             credit = cached_tokens(pending[r].match(tokens, root), limit, ps)
             if credit > cached[r]:
                 cached[r], from_pending[r] = credit, True
-        loads = self.loads
         view = RankView(
             prompt_len=n,
             cached=cached,
@@ -135,9 +136,9 @@ class KvmulRouter:
             batch=self._batch[:],
         )
         if self.rule.reads_capacity:  # kept off the decisions of rules that do not read them
-            view.max_running = [ld.max_running for ld in loads]
-            view.max_kv_tokens = [ld.max_kv_tokens for ld in loads]
-            view.prefill_us_per_token = [ld.prefill_us_per_token for ld in loads]
+            view.max_running = self._max_running[:]
+            view.max_kv_tokens = self._max_kv[:]
+            view.prefill_us_per_token = self._speed[:]
         c = self.rule.choose(view, self._rotation)
         rank, tie, excluded = c.rank, c.tie, c.excluded
         if self.down[rank]:  # the rule's own costs, among the ranks that are up (any rule, no special case)
@@ -249,6 +250,9 @@ class KvmulRouter:
         self._waiting[r] = ld.waiting
         self._batch[r] = ld.batch_size
         self._kv[r] = ld.kv_tokens
+        self._max_running[r] = ld.max_running
+        self._max_kv[r] = ld.max_kv_tokens
+        self._speed[r] = ld.prefill_us_per_token
 
 
 def _as_tuple(tokens: Sequence[int]) -> tuple[int, ...]:

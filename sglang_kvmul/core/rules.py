@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from operator import add, mul
+from operator import add, lt, mul
 
 from sglang_kvmul.core.guard import GuardedKvmul
 from sglang_kvmul.core.score import _PLUS_ONE, kvmul_scores, pick_lowest, pick_lowest_among
@@ -102,10 +102,13 @@ class MarginalLatencyCapped(MarginalLatency):
     def allowed(self, view: RankView) -> list[bool] | None:
         """The candidate ranks (None: all of them)."""
         caps = view.max_running
-        if not caps:
+        if not any(caps):  # none reported (yet)
             return None
-        free = [not (cap and b >= cap) for b, cap in zip(view.batch, caps, strict=True)]
-        if all(free) or not any(free):
+        if 0 in caps:  # a rank that has not reported its cap counts as having room
+            free = [not (cap and b >= cap) for b, cap in zip(view.batch, caps, strict=True)]
+        else:  # the usual case, in C-level passes: this runs on every request
+            free = list(map(lt, view.batch, caps))
+        if False not in free or True not in free:
             return None
         shortest = min(q for q, f in zip(view.queued, free, strict=True) if f)
         return [f or q < shortest for q, f in zip(view.queued, free, strict=True)]
@@ -141,11 +144,14 @@ class MarginalBounded(MarginalLatencyCapped):
     name = "marginal_bounded"
 
     def allowed(self, view: RankView) -> list[bool] | None:
-        allowed = super().allowed(view) or [True] * len(view.queued)
+        free = super().allowed(view)
         own = list(map(add, view.queued, view.uncached))
-        best = min(o for o, a in zip(own, allowed, strict=True) if a)
-        slack = view.prompt_len + sum(view.queued) / len(view.queued)
-        return [a and o <= best + slack for o, a in zip(own, allowed, strict=True)]
+        slack = view.prompt_len + sum(view.queued) / len(own)
+        if free is None:
+            bound = min(own) + slack
+            return None if max(own) <= bound else [o <= bound for o in own]
+        bound = min(o for o, f in zip(own, free, strict=True) if f) + slack
+        return [f and o <= bound for o, f in zip(own, free, strict=True)]
 
 
 class KvmulExcess(CostRule):
