@@ -12,6 +12,7 @@ from sglang_kvmul.core.events import EventUpdate, KVEventBatch
 from sglang_kvmul.core.load_ledger import RankLoad
 from sglang_kvmul.core.prefix import common_prefix_len
 from sglang_kvmul.core.router import KvmulRouter
+from sglang_kvmul.core.rules import DEFAULT_RULE, rule_by_name
 
 
 def stored(tokens, salt=None, first_hash=1000):
@@ -175,3 +176,23 @@ def test_an_update_that_lost_events_leaves_the_rank_stale_also_after_a_rebuild()
     cleared = KVEventBatch(1.0, via_wire([AllBlocksCleared(), stored([5, 6, 7])]))
     r.apply_update(0, EventUpdate([cleared], lost=True))  # a gap, then the cache was cleared: exact again
     assert r.stale == [False] and r.decide([5, 6, 7, 8], limit=3).cached == [3]
+
+
+def test_snapshot_capacity_reaches_the_default_rule():
+    # SGLang's own LoadSnapshot: rank 0 holds the prefix but is at max_running_requests, rank 1 has
+    # room; the default rule (which reads capacity) leaves rank 0, the product (which does not) keeps it
+    def capped_snap(t: float, running: int) -> LoadSnapshot:
+        return LoadSnapshot(timestamp=t, num_running_reqs=running, max_running_requests=8)
+
+    routers = {name: KvmulRouter(num_ranks=2, page_size=1, rule=rule_by_name(name)) for name in (DEFAULT_RULE, "kvmul")}
+    for r in routers.values():
+        feed(r, 0, stored(PREFIX))
+        for rank, running in ((0, 8), (1, 1)):
+            r.apply_snapshot(rank, capped_snap(1.0, running), now=1.0)
+    prompt = [*PREFIX, 7]
+    assert routers["kvmul"].decide(prompt, limit=100).rank == 0  # 1 * 9 < 101 * 2
+    d = routers[DEFAULT_RULE].decide(prompt, limit=100)
+    assert (d.rank, d.excluded) == (1, (0,))
+    # the cap is lifted by the next snapshot: the prefix wins again
+    routers[DEFAULT_RULE].apply_snapshot(0, capped_snap(2.0, 7), now=2.0)
+    assert routers[DEFAULT_RULE].decide(prompt, limit=100).rank == 0
