@@ -58,6 +58,10 @@ def test_marginal_capped_keeps_a_full_rank_when_every_free_rank_has_more_queued(
     short_queue = view(cached=(0, 0), queued=(1000, 500), running=(8, 1), max_running=(8, 8))
     choice = rule_by_name("marginal_capped").choose(short_queue, 0)
     assert (choice.rank, choice.excluded) == (1, (0,))
+    # a rank that has not reported its cap yet (0) counts as having room
+    unreported = view(cached=(0, 0), queued=(1000, 500), running=(8, 30), max_running=(8, 0))
+    choice = rule_by_name("marginal_capped").choose(unreported, 0)
+    assert (choice.rank, choice.excluded) == (1, (0,))
 
 
 def test_marginal_bounded_lets_no_request_wait_more_than_a_prompt_and_the_mean_backlog_extra():
