@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from benchmarks.bench_serving_replay import replay, write_trace
 from benchmarks.common import DEFAULT_TRACE, RESULTS, add_trace_arg, pyplot, stats, trace_path
+from sglang_kvmul.core.rules import DEFAULT_RULE
 from sglang_kvmul.harness.local_server import LocalServer, cpu_server_args, start_server
 from sglang_kvmul.harness.tiny_model import VOCAB, build
 from sglang_kvmul.serving.settings import KvmulSettings
@@ -47,7 +48,7 @@ from sglang_kvmul.sim import workloads
 
 TRACE = DEFAULT_TRACE  # main() sets the --trace argument
 OWN_FLAGS = ("render", "append")  # how this invocation ran, not what it measured
-FEATURED = KvmulSettings().policy  # the default rule: the verdict is about it
+FEATURED = DEFAULT_RULE  # the verdict is about the default rule
 RULES = tuple(dict.fromkeys((FEATURED, "kvmul", "cache_only", "load_only", "vllm_v1", "dynamo", "sglang_cache_aware")))
 STOCK = ("round_robin", "total_requests", "total_tokens")
 GATEWAY = "gateway_cache_aware"

@@ -4,8 +4,9 @@ For each case (16 ranks, simulated) every rule runs on the same workload; `sim_e
 splits each request's time: TTFT = queueing behind other prefills + KV wait (at the queue head with
 no room in the pool) + its own prefill; TPOT = decoding + stall (decode time lost to prefill steps on
 its rank); and the prefill tokens a better-cached rank had (affinity) or that were evicted between
-routing and admission. The table then sets kvmul against the best of the linear sweep and Dynamo's
-rule for each metric, cause by cause. Results: benchmarks/results/sim/sim_diagnosis*.{json,md,png}.
+routing and admission. The tables then set each compared rule (`--compare`: the default and the
+other candidates) against the best of the linear sweep and Dynamo's rule for each metric, cause by
+cause, and against the issue's bar (`GATES`). Results: benchmarks/results/sim/sim_diagnosis*.{json,md,png}.
 
 Step times come from the cost profiles of `sim/cost.py`: the GPU rooflines' efficiency factors are
 assumed, not measured (`--mfu-scale` / `--bw-scale` move them, `--cost-scales 0.5,2` repeats each case
@@ -81,17 +82,15 @@ def _line(r: dict) -> str:
 
 def versus(rows: list[dict], rule: str) -> list[str]:
     """`rule` against the best baseline on each headline metric, cause by cause."""
-    ours = next((r for r in rows if r["rule"] == rule), None)
-    base = [r for r in rows if r["rule"] in BASELINES]
-    if ours is None or not base:
+    found = _against_best(rows, rule)
+    if found is None:
         return []
+    ours, ratios, best = found
     out = [f"| {rule} minus the best on ... | " + " | ".join(n for _, n in COMPONENTS) + " |",
            "|---" * (len(COMPONENTS) + 1) + "|"]  # fmt: skip
-    for metric in ("ttft_mean_ms", "tpot_mean_ms", "ttft_p99_ms"):
-        best = min(base, key=lambda r: r[metric])
-        diffs = [f"{ours[k] - best[k]:+.{3 if k == 'hit_ratio' else 1}f}" for k, _ in COMPONENTS]
-        ratio = ours[metric] / best[metric]
-        out.append(f"| {metric} ({best['rule']}, {rule} at {ratio:.2f}x) | " + " | ".join(diffs) + " |")
+    for metric, b in best.items():
+        diffs = [f"{ours[k] - b[k]:+.{3 if k == 'hit_ratio' else 1}f}" for k, _ in COMPONENTS]
+        out.append(f"| {metric} ({b['rule']}, {rule} at {ratios[metric]:.2f}x) | " + " | ".join(diffs) + " |")
     return out
 
 
@@ -111,15 +110,24 @@ def _reused(names: str, specs: list[dict]) -> list[dict]:
     return rows
 
 
+def _against_best(sub: list[dict], rule: str) -> tuple[dict, dict[str, float], dict[str, dict]] | None:
+    """For one case and seed: `rule`'s row, its value over the best baseline's per metric of
+    `GATES`, and the best baseline's row per metric (None if either is missing)."""
+    base = [r for r in sub if r["rule"] in BASELINES]
+    ours = next((r for r in sub if r["rule"] == rule), None)
+    if ours is None or not base:
+        return None
+    best = {m: min(base, key=lambda r, m=m: r[m]) for m in GATES}
+    return ours, {m: ours[m] / best[m][m] for m in GATES}, best
+
+
 def _ratios(rows: list[dict], rule: str) -> list[tuple[str, int, dict[str, float]]]:
     """(case, seed, {metric: rule's value / the best baseline's}) for every case the rule ran."""
     out = []
     for case, seed in sorted({(r["case"], r["seed"]) for r in rows}):
-        sub = [r for r in rows if r["case"] == case and r["seed"] == seed]
-        base = [r for r in sub if r["rule"] in BASELINES]
-        ours = next((r for r in sub if r["rule"] == rule), None)
-        if ours is not None and base:
-            out.append((case, seed, {m: ours[m] / min(r[m] for r in base) for m in GATES}))
+        found = _against_best([r for r in rows if r["case"] == case and r["seed"] == seed], rule)
+        if found is not None:
+            out.append((case, seed, found[1]))
     return out
 
 
@@ -148,13 +156,12 @@ def verdict(rows: list[dict], rules: list[str]) -> list[str]:
            "|---" * (len(GATES) + 4) + "|"]  # fmt: skip
     for case, seed in sorted({(r["case"], r["seed"]) for r in rows}):
         sub = [r for r in rows if r["case"] == case and r["seed"] == seed]
-        base = [r for r in sub if r["rule"] in BASELINES]
         for rule in rules:
-            ours = next((r for r in sub if r["rule"] == rule), None)
-            if ours is None or not base:
+            found = _against_best(sub, rule)
+            if found is None:
                 continue
-            ratios = {m: ours[m] / min(r[m] for r in base) for m in GATES}
-            cells = [f"{ratios[m]:.2f} ({min(base, key=lambda r, m=m: r[m])['rule']})" for m in GATES]
+            _, ratios, best = found
+            cells = [f"{ratios[m]:.2f} ({best[m]['rule']})" for m in GATES]
             ok = all(ratios[m] <= g for m, g in GATES.items())
             out.append(f"| {case} | {seed} | {rule} | " + " | ".join(cells) + f" | {'yes' if ok else 'NO'} |")
     return out

@@ -198,29 +198,30 @@ class SimRank:
         self.version += 1
         return t
 
+    def _decode(self, k: int) -> list[SimRequest]:
+        """Every running request decodes `k` tokens; returns those that finished (out of the batch
+        and its context)."""
+        for req in self.running:
+            req.generated += k
+        self.context += k * len(self.running)
+        self.decoded += k * len(self.running)
+        done = [r for r in self.running if r.generated >= r.output_len]
+        if done:
+            self.running = [r for r in self.running if r.generated < r.output_len]
+            for req in done:
+                self.context -= len(req.tokens) + req.generated
+                self.decoded -= req.generated
+        return done
+
     def finish_step(self, now: float) -> list[SimRequest]:
         """Apply the step that ends now; returns the requests that finished."""
         self.busy_until = None
         done: list[SimRequest] = []
         if self.decoding:
-            k = self.block_steps
-            for req in self.running:
-                req.generated += k
-            self.context += k * len(self.running)
-            self.decoded += k * len(self.running)
-            done = [r for r in self.running if r.generated >= r.output_len]
-            self.running = [r for r in self.running if r.generated < r.output_len]
+            done = self._decode(self.block_steps)
         else:
             if self.mixed:  # every running request decoded one token inside the prefill step
-                for req in self.running:
-                    req.generated += 1
-                self.context += len(self.running)
-                self.decoded += len(self.running)
-                done = [r for r in self.running if r.generated >= r.output_len]
-                self.running = [r for r in self.running if r.generated < r.output_len]
-                for req in done:
-                    self.context -= len(req.tokens) + req.generated
-                    self.decoded -= req.generated
+                done = self._decode(1)
             for req in self.prefilling:
                 req.prefilled += req.chunk
                 self.prefilled_total += req.chunk
@@ -243,9 +244,6 @@ class SimRank:
             self.prefilling = []
         for req in done:
             req.finish = now
-            if self.decoding:
-                self.context -= len(req.tokens) + req.generated
-                self.decoded -= req.generated
             self.cache.unref(req.path, now)
             self.reserved_pages -= req.decode_pages
         return done
