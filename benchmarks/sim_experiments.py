@@ -97,6 +97,8 @@ def run(spec: dict) -> dict:
         "hit_ratio": sum(r.cached for r in reqs) / sum(len(r.tokens) for r in reqs),
         "imbalance": float(work_per_rank.max() / max(1.0, work_per_rank.mean())),
         "guard_trips": dict(getattr(sim.router.rule, "trips", {})),
+        # the router's measured decode cost at the end (`core.decode_cost`; read by marginal_decode)
+        "decode_tokens_per_request": sim.router.decode_cost.tokens_per_request,
         "sim_wall_s": wall,
         "ttft_hist": np.histogram(np.log10(np.maximum(ttft, 1e-3)), bins=60, range=(-1, 5))[0].tolist(),
     }

@@ -196,3 +196,34 @@ def test_snapshot_capacity_reaches_the_default_rule():
     # the cap is lifted by the next snapshot: the prefix wins again
     routers[DEFAULT_RULE].apply_snapshot(0, capped_snap(2.0, 7), now=2.0)
     assert routers[DEFAULT_RULE].decide(prompt, limit=100).rank == 0
+
+
+def test_sglang_decode_moments_reach_marginal_decode():
+    # SGLang's own LoadSnapshot with decode step-time moments: 300 steps at batch 2 take 1,200 us and
+    # 300 at batch 6 take 2,000 us (slope 200 us per request); prefill 100 us per token; 12 requests
+    # past prefill over 2,400 request-steps (200 steps each). One more request in a batch then costs
+    # 200 us * 200 steps / 100 us = 400 prefill tokens.
+    pts = [(2, 1200.0)] * 300 + [(6, 2000.0)] * 300
+    moments = [len(pts), sum(b for b, _ in pts), sum(t for _, t in pts), sum(b * b for b, _ in pts),
+               sum(b * t for b, t in pts), sum(b for b, _ in pts)]  # fmt: skip
+    routers = {
+        name: KvmulRouter(num_ranks=2, page_size=1, rule=rule_by_name(name))
+        for name in ("marginal_decode", DEFAULT_RULE)
+    }
+    for r in routers.values():
+        feed(r, 0, stored(PREFIX))
+        for rank in (0, 1):
+            for _ in range(6):
+                r.assign(rank, [1, 2, 3], limit=2, now=0.5)  # the ledger counts the requests it sent
+            r.apply_snapshot(rank, LoadSnapshot(
+                timestamp=1.0, num_running_reqs=4 if rank == 0 else 0, total_prefill_uncached_tokens=100_000,
+                total_prefill_busy_us=10_000_000, decode_moments=moments if rank == 0 else None,
+            ), now=1.0)  # fmt: skip
+    dc = routers["marginal_decode"].decode_cost
+    assert (dc.slope_us, dc.prefill_us_per_token, dc.steps_per_request) == (200.0, 100.0, 200.0)
+    assert dc.tokens_per_request == 400.0
+    prompt = [*PREFIX, 7]
+    # rank 0 holds 100 of the 101 tokens and runs 4: 1 * 5 + 4 * 400 against rank 1's 101 * 1
+    d = routers["marginal_decode"].decide(prompt, limit=100)
+    assert (d.rank, d.scores) == (1, [1605, 101])
+    assert routers[DEFAULT_RULE].decide(prompt, limit=100).rank == 0  # without the decode term: 5 < 101

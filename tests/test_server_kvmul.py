@@ -103,6 +103,18 @@ def test_prometheus_metrics_describe_the_decisions(kvmul_server):
     assert samples[("kvmul_orphan_blocks_total", "0")] == samples[("kvmul_orphan_blocks_total", "1")] == 0
 
 
+def test_sglang_decode_step_times_reach_the_router(kvmul_server):
+    """SGLang's load snapshots carry its decode step-time moments (`decode_moments`); the router
+    pools them (`core.decode_cost`, read by `marginal_decode`) and exports the count."""
+    rng = random.Random(8)
+    for i in range(2):
+        assert kvmul_server.generate(ids(rng, 64), rid=f"decode-moments-{i}", max_new_tokens=32).status_code == 200
+    deadline = time.monotonic() + 30
+    while (steps := kvmul_server.metric_total("kvmul_decode_steps_measured")) < 16:  # snapshots arrive on their own
+        assert time.monotonic() < deadline, f"the router saw {steps} decode steps after 64 were run"
+        time.sleep(0.2)  # polling interval
+
+
 def test_chunked_prefill_and_logprob_cap_are_predicted_exactly(kvmul_server):
     """A prompt longer than the chunked-prefill budget (4096) is prefilled in chunks; a logprob
     request caps reuse at logprob_start_len. The prediction must equal SGLang's report for both."""

@@ -28,6 +28,9 @@ class LoadSnapshotView:
     max_running_requests: int = 0  # capacity (0: unknown); read by the guard
     max_total_num_tokens: int = 0
     total_prefill_busy_us: int = 0  # cumulative time in prefill, beside total_prefill_uncached_tokens
+    # SGLang's decode step-time moment sums (steps, sum b, sum t_us, sum b^2, sum b*t_us, generated):
+    # enough for a least-squares step time a + k * batch. None: no decode step measured yet.
+    decode_moments: list[float] | None = None
 
 
 @dataclass
@@ -47,6 +50,9 @@ class RankLoad:
     max_running: int = 0  # SGLang's max_running_requests (0: not reported)
     max_kv_tokens: int = 0  # SGLang's max_total_num_tokens (0: not reported)
     prefill_busy_us: int = 0  # cumulative, as reported
+    decode_moments: tuple[float, ...] = ()  # cumulative, as reported (empty: none yet)
+    dispatched: int = 0  # requests sent to the rank, ever
+    decoders_seen: int = 0  # of those, seen past prefill (running or finished) at the last snapshot
 
     @property
     def prefill_us_per_token(self) -> float:
@@ -74,6 +80,7 @@ class RankLoad:
 
     def on_dispatch(self, now: float, uncached: int, prompt_len: int = 0) -> None:
         self.recent.append((now, uncached))
+        self.dispatched += 1
         self.queued_uncached += uncached
         self.kv_since += prompt_len
 
@@ -105,4 +112,10 @@ class RankLoad:
                 self.queued_uncached = exact
         while self.recent and self.recent[0][0] <= snap.timestamp:
             self.recent.popleft()
+        moments = getattr(snap, "decode_moments", None)
+        if moments is not None and len(moments) >= 5:
+            self.decode_moments = tuple(moments)
+        # requests the snapshot knew of, minus those still waiting: the ones whose outputs the
+        # decode moments count (with `decode_moments`, the mean output length so far)
+        self.decoders_seen = max(0, self.dispatched - len(self.recent) - snap.num_waiting_reqs)
         return True

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sglang_kvmul.core.block_hash import DEFAULT, CacheNamespace, first_page_hash
+from sglang_kvmul.core.decode_cost import PooledDecodeCost
 from sglang_kvmul.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventUpdate, KVEvent
 from sglang_kvmul.core.load_ledger import LoadSnapshotView, RankLoad
 from sglang_kvmul.core.mirror import RadixMirror
@@ -89,6 +90,7 @@ class KvmulRouter:
         self._batch = [0] * num_ranks  # running + waiting
         # capacities and speed, for rules that read them (kept current like the rest, not rebuilt per request)
         self._max_running, self._max_kv, self._speed = [0] * num_ranks, [0] * num_ranks, [0.0] * num_ranks
+        self.decode_cost = PooledDecodeCost(num_ranks)  # measured decode cost, pooled (`decode_cost`)
         self._pending_ranks: set[int] = set()  # ranks with in-flight prompts to credit
         self.pending = [PendingPrefixes() for _ in range(num_ranks)]
         # A stale rank lost KV events for good: its mirror is not trusted (scored as caching
@@ -139,6 +141,7 @@ class KvmulRouter:
             view.max_running = self._max_running[:]
             view.max_kv_tokens = self._max_kv[:]
             view.prefill_us_per_token = self._speed[:]
+            view.decode_tokens_per_request = self.decode_cost.tokens_per_request
         c = self.rule.choose(view, self._rotation)
         rank, tie, excluded = c.rank, c.tie, c.excluded
         if self.down[rank]:  # the rule's own costs, among the ranks that are up (any rule, no special case)
@@ -232,6 +235,9 @@ class KvmulRouter:
         if not load.on_snapshot(snap):
             return
         self._sync(rank)
+        self.decode_cost.update(
+            rank, load.decode_moments, load.prefill_busy_us, load.prefilled_seen, load.decoders_seen
+        )
         mirror = self.mirrors[rank]
         ps = self.page_size
 

@@ -9,6 +9,8 @@ The serving layer's knobs (poll period, event slices, session table) live in `se
 RECV_SLACK_S = 0.01
 # load_ledger: prefilled tokens before a rank's measured prefill speed is trusted (a few chunks).
 MIN_TOKENS_FOR_SPEED = 16384
+# decode_cost: decode steps (pooled over ranks) before the step time's slope on batch size is used.
+MIN_DECODE_STEPS_FOR_SLOPE = 256
 # guard: measured prefill speeds closer than this ratio are noise, not a speed spread.
 SPEED_SPREAD = 1.25
 # pending: an in-flight prompt not confirmed by events or the prefill counter by then is dropped;

@@ -29,6 +29,9 @@ class RankView:
     max_running: Sequence[int] = ()
     max_kv_tokens: Sequence[int] = ()
     prefill_us_per_token: Sequence[float] = ()
+    # One more request in a decode batch, over one request's output, in prefill tokens (measured
+    # and pooled over ranks, `decode_cost`; 0.0 until measured)
+    decode_tokens_per_request: float = 0.0
 
     @cached_property
     def uncached(self) -> list[int]:

@@ -77,6 +77,14 @@ class KvmulCollector(Collector):
             ),
             [int(not d) for d in r.down],
         )
+        dc = r.decode_cost
+        for name, value, text in (
+            ("decode_steps_measured", dc.steps, "Decode steps SGLang measured, all ranks (decode_moments)"),
+            ("decode_slope_us", dc.slope_us, "Measured decode step time per request in the batch, us"),
+            ("decode_steps_per_request", dc.steps_per_request, "Measured mean output, in decode steps"),
+            ("decode_tokens_per_request", dc.tokens_per_request, "One more request in a batch, in prefill tokens"),
+        ):
+            yield GaugeMetricFamily(f"kvmul_{name}", text, value=value)
         yield CounterMetricFamily("kvmul_stale_marks", "Times a rank was marked stale", value=st.stale_marks)
         yield self._per_rank(
             CounterMetricFamily(

@@ -75,6 +75,8 @@ class SimRank:
         self.prefilled_total = 0  # cumulative uncached prefill tokens (SGLang's load-snapshot counter)
         self.reserved_pages = 0
         self.prefill_busy_s = 0.0  # cumulative prefill step time (SGLang's total_prefill_busy_us)
+        # SGLang's decode_moments: steps, sum b, sum t_us, sum b^2, sum b * t_us, generated
+        self.decode_moments = [0.0] * 6
         self.context = 0  # prompt + generated tokens of the running requests
         self.decoded = 0  # generated tokens of the running requests (their KV is outside the cache)
         self.block_steps = 0  # decode steps in the block in flight
@@ -218,6 +220,14 @@ class SimRank:
         self.busy_until = None
         done: list[SimRequest] = []
         if self.decoding:
+            b, k, t_us = len(self.running), self.block_steps, (now - self.block_start) * 1e6
+            m = self.decode_moments
+            m[0] += k
+            m[1] += k * b
+            m[2] += t_us
+            m[3] += k * b * b
+            m[4] += b * t_us
+            m[5] += k * b
             done = self._decode(self.block_steps)
         else:
             if self.mixed:  # every running request decoded one token inside the prefill step
@@ -257,6 +267,7 @@ class SimRank:
             "num_waiting_uncached_tokens": self.waiting_uncached,
             "total_prefill_uncached_tokens": self.prefilled_total,
             "total_prefill_busy_us": round(self.prefill_busy_s * 1e6),
+            "decode_moments": list(self.decode_moments) if self.decode_moments[0] else None,
             "max_running_requests": self.cfg.max_running,
             "max_total_num_tokens": self.cfg.kv_pages * self.cfg.page_size,
             # SGLang: KV in use (pool minus free minus evictable: a prefix that running requests

@@ -1,0 +1,67 @@
+"""What one more request in a rank's decode batch costs the others, in prefill tokens, from the step
+times SGLang itself measures.
+
+The prefill terms of the rules price a request by the prefill it queues and the decodes its prefill
+pauses. A request also decodes: for each of its output steps it makes every co-running request's
+step slower by the per-request slope of the step time, and its own steps are as slow as the batch it
+joins. SGLang's load snapshots carry the least-squares sums of decode step time against batch size
+(`decode_moments`) and the cumulative prefill time per prefilled token; the ledger counts requests
+past prefill. Together they give, with no weight, the prefill-token equivalent of one more
+request in a decode batch over one request's output. Pooled over ranks: one estimate from many
+steps, the same for every rank, so measurement noise between equal ranks does not move decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sglang_kvmul.core.tunables import MIN_DECODE_STEPS_FOR_SLOPE, MIN_TOKENS_FOR_SPEED
+
+_EMPTY = (0.0,) * 5
+
+
+def step_slope_us(n: float, sb: float, st: float, sbb: float, sbt: float) -> float:
+    """Least-squares slope of decode step time (us) on batch size; 0.0 when the batches did not vary
+    (no slope can be told from one batch size) or the fit is negative (noise: a larger batch is not
+    faster)."""
+    var = n * sbb - sb * sb
+    if var <= 1e-9 * n * sbb:
+        return 0.0
+    return max(0.0, (n * sbt - sb * st) / var)
+
+
+class PooledDecodeCost:
+    """Running totals of every rank's measurements; `tokens_per_request` is recomputed when one rank's
+    figures change (on its load snapshot), so a decision reads one float."""
+
+    def __init__(self, num_ranks: int) -> None:
+        self._moments: list[Sequence[float]] = [_EMPTY] * num_ranks
+        self._prefill: list[tuple[int, int]] = [(0, 0)] * num_ranks  # (busy us, tokens)
+        self._decoders = [0] * num_ranks
+        self.steps = 0.0  # decode steps measured, all ranks
+        self.slope_us = 0.0  # per request per decode step
+        self.prefill_us_per_token = 0.0
+        self.steps_per_request = 0.0  # the mean output, in decode steps
+        self.tokens_per_request = 0.0  # what one more request in a batch costs, in prefill tokens
+
+    def update(self, rank: int, moments: Sequence[float], busy_us: int, tokens: int, decoders: int) -> None:
+        """One rank's cumulative figures as of its last snapshot."""
+        self._moments[rank] = moments[:5] if len(moments) >= 5 else _EMPTY
+        self._prefill[rank] = (busy_us, tokens)
+        self._decoders[rank] = decoders
+        sums = [sum(m[i] for m in self._moments) for i in range(5)]
+        busy, prefilled = sum(b for b, _ in self._prefill), sum(t for _, t in self._prefill)
+        decoders_all = sum(self._decoders)
+        self.steps = sums[0]
+        if sums[0] < MIN_DECODE_STEPS_FOR_SLOPE or prefilled < MIN_TOKENS_FOR_SPEED or not decoders_all or not busy:
+            self.tokens_per_request = 0.0
+            return
+        self.slope_us = step_slope_us(*sums)
+        self.prefill_us_per_token = busy / prefilled
+        self.steps_per_request = sums[1] / decoders_all  # request-steps per request past prefill
+        # Joining a batch of B, counted like the prefill terms, over the requests there now: each has
+        # on average half a request's output left, and for that overlap its steps are slower by the
+        # slope and so are the newcomer's: 2 * slope * steps/2 * B. (Counting also those that will
+        # join, for the newcomer's whole output, doubles it: tried, it moved too many requests off
+        # their prefixes; README, "Decode cost, measured".)
+        self.tokens_per_request = self.slope_us * self.steps_per_request / self.prefill_us_per_token
