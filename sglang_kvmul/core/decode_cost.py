@@ -35,9 +35,9 @@ class PooledDecodeCost:
     figures change (on its load snapshot), so a decision reads one float."""
 
     def __init__(self, num_ranks: int) -> None:
-        self._moments: list[Sequence[float]] = [_EMPTY] * num_ranks
-        self._prefill: list[tuple[int, int]] = [(0, 0)] * num_ranks  # (busy us, tokens)
-        self._decoders = [0] * num_ranks
+        # per rank: the five moment sums, prefill busy us, prefilled tokens, requests past prefill
+        self._rows: list[tuple[float, ...]] = [(0.0,) * 8] * num_ranks
+        self._totals = [0.0] * 8  # their sums, kept by difference: a snapshot costs O(1), not O(ranks)
         self.steps = 0.0  # decode steps measured, all ranks
         self.slope_us = 0.0  # per request per decode step
         self.prefill_us_per_token = 0.0
@@ -45,13 +45,14 @@ class PooledDecodeCost:
         self.tokens_per_request = 0.0  # what one more request in a batch costs, in prefill tokens
 
     def update(self, rank: int, moments: Sequence[float], busy_us: int, tokens: int, decoders: int) -> None:
-        """One rank's cumulative figures as of its last snapshot."""
-        self._moments[rank] = moments[:5] if len(moments) >= 5 else _EMPTY
-        self._prefill[rank] = (busy_us, tokens)
-        self._decoders[rank] = decoders
-        sums = [sum(m[i] for m in self._moments) for i in range(5)]
-        busy, prefilled = sum(b for b, _ in self._prefill), sum(t for _, t in self._prefill)
-        decoders_all = sum(self._decoders)
+        """One rank's cumulative figures as of its last snapshot. (SGLang's sums are of integers:
+        kept by difference they stay exact far beyond any run's totals.)"""
+        row = (*(moments[:5] if len(moments) >= 5 else _EMPTY), busy_us, tokens, decoders)
+        old, self._rows[rank] = self._rows[rank], row
+        totals = self._totals
+        for i in range(8):
+            totals[i] += row[i] - old[i]
+        sums, busy, prefilled, decoders_all = totals[:5], totals[5], totals[6], totals[7]
         self.steps = sums[0]
         if sums[0] < MIN_DECODE_STEPS_FOR_SLOPE or prefilled < MIN_TOKENS_FOR_SPEED or not decoders_all or not busy:
             self.tokens_per_request = 0.0
