@@ -61,3 +61,15 @@ def test_simulated_rank_reports_its_decode_steps_as_sglang_does():
     assert m[1] == sum(b * k for b, k, _ in steps) == 12
     assert abs(m[2] - sum(t for _, _, t in steps) * 1e6) < 1e-3
     assert abs(m[2] - 4 * cost.decode_s(3, 0) * 1e6) < 0.1 * m[2]  # context grows a little per step
+
+
+def test_a_garbled_moment_list_is_ignored_not_pooled():
+    from sglang_kvmul.core.load_ledger import LoadSnapshotView, RankLoad
+
+    load = RankLoad()
+    good = [300.0, 600.0, 4e5, 1200.0, 8e5, 600.0]
+    load.on_snapshot(LoadSnapshotView(1.0, 1, 0, 0, 0, decode_moments=good))
+    assert load.decode_moments == tuple(good)
+    for bad in ([float("nan")] * 6, [1.0, -2.0, 3.0, 4.0, 5.0, 6.0], [1.0, 2.0]):
+        load.on_snapshot(LoadSnapshotView(load.snap_time + 1, 1, 0, 0, 0, decode_moments=bad))
+        assert load.decode_moments == tuple(good)  # the last good figures stay

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from math import isfinite
 
 from sglang_kvmul.core.tunables import MIN_TOKENS_FOR_SPEED, RECV_SLACK_S
 
@@ -113,8 +114,8 @@ class RankLoad:
         while self.recent and self.recent[0][0] <= snap.timestamp:
             self.recent.popleft()
         moments = getattr(snap, "decode_moments", None)
-        if moments is not None and len(moments) >= 5:
-            self.decode_moments = tuple(moments)
+        if moments is not None and len(moments) >= 5 and all(isfinite(m) and m >= 0 for m in moments):
+            self.decode_moments = tuple(moments)  # (a garbled one would poison the pooled sums for good)
         # requests the snapshot knew of, minus those still waiting: the ones whose outputs the
         # decode moments count (with `decode_moments`, the mean output length so far)
         self.decoders_seen = max(0, self.dispatched - len(self.recent) - snap.num_waiting_reqs)
