@@ -66,7 +66,8 @@ def _specs(args: argparse.Namespace) -> list[dict]:
             if seed and base["workload"] != "mooncake":
                 params["seed"] = seed
             elif seed:
-                params["seed"], params["fraction"] = seed, 0.9  # another 90% of the conversations
+                # another 90% of the conversations the case uses (a sweep's half trace stays a half)
+                params["seed"], params["fraction"] = seed, 0.9 * params.get("fraction", 1.0)
             for eff in map(float, args.cost_scales.split(",")):
                 label = case if eff == 1.0 else f"{case}@eff{eff:g}"
                 scale = {"mfu": args.mfu_scale * eff, "bw_eff": args.bw_scale * eff}
