@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -113,15 +114,17 @@ def _reused(names: str, specs: list[dict]) -> list[dict]:
     return rows
 
 
-def _against_best(sub: list[dict], rule: str) -> tuple[dict, dict[str, float], dict[str, dict]] | None:
-    """For one case and seed: `rule`'s row, its value over the best baseline's per metric of
-    `GATES`, and the best baseline's row per metric (None if either is missing)."""
-    base = [r for r in sub if r["rule"] in BASELINES]
-    ours = next((r for r in sub if r["rule"] == rule), None)
+def _against_best(
+    sub: list[dict], rule: str, metrics: Iterable[str] = GATES
+) -> tuple[dict, dict[str, float], dict[str, dict]] | None:
+    """For one case and seed: `rule`'s row, its value over the best baseline's per metric (those of
+    `GATES` unless told), and the best baseline's row per metric (None if either is missing)."""
+    base = [r for r in sub if r["rule"] in BASELINES and all(m in r for m in metrics)]
+    ours = next((r for r in sub if r["rule"] == rule and all(m in r for m in metrics)), None)
     if ours is None or not base:
         return None
-    best = {m: min(base, key=lambda r, m=m: r[m]) for m in GATES}
-    return ours, {m: ours[m] / best[m][m] for m in GATES}, best
+    best = {m: min(base, key=lambda r, m=m: r[m]) for m in metrics}
+    return ours, {m: ours[m] / best[m][m] for m in metrics}, best
 
 
 def _ratios(rows: list[dict], rule: str) -> list[tuple[str, int, dict[str, float]]]:
@@ -177,15 +180,16 @@ def e2e(rows: list[dict], rules: list[str]) -> list[str]:
     recorded have none."""
     if not any("e2e_mean_ms" in r for r in rows):
         return []
+    m = "e2e_mean_ms"
     out = ["| case | seed | best baseline, ms | " + " | ".join(rules) + " |", "|---" * (len(rules) + 3) + "|"]
     for case, seed in sorted({(r["case"], r["seed"]) for r in rows}):
-        sub = {r["rule"]: r for r in rows if r["case"] == case and r["seed"] == seed and "e2e_mean_ms" in r}
-        base = [sub[b] for b in BASELINES if b in sub]
-        if not base or not all(rule in sub for rule in rules):
+        sub = [r for r in rows if r["case"] == case and r["seed"] == seed]
+        found = [_against_best(sub, rule, (m,)) for rule in rules]
+        if None in found:
             continue
-        best = min(base, key=lambda r: r["e2e_mean_ms"])
-        cells = [f"{sub[rule]['e2e_mean_ms'] / best['e2e_mean_ms']:.2f}" for rule in rules]
-        out.append(f"| {case} | {seed} | {best['e2e_mean_ms']:.0f} ({best['rule']}) | " + " | ".join(cells) + " |")
+        best = found[0][2][m]
+        cells = [f"{f[1][m]:.2f}" for f in found]
+        out.append(f"| {case} | {seed} | {best[m]:.0f} ({best['rule']}) | " + " | ".join(cells) + " |")
     return out
 
 

@@ -42,7 +42,7 @@ def test_pooled_cost_waits_for_enough_measurements_and_pools_ranks():
     assert pc.slope_us == 200.0 and pc.steps_per_request == steps
     assert pc.tokens_per_request == 200.0 * steps / (2 * 10**6 / (2 * MIN_TOKENS_FOR_SPEED))
     pc.update(1, [], busy_us=10**6, tokens=MIN_TOKENS_FOR_SPEED, decoders=4)  # a rank that stops reporting
-    assert pc.tokens_per_request == 0.0  # back to one batch size
+    assert pc.tokens_per_request == pc.slope_us == pc.steps_per_request == 0.0  # no stale estimate is left
 
 
 def test_simulated_rank_reports_its_decode_steps_as_sglang_does():

@@ -55,7 +55,8 @@ class PooledDecodeCost:
         sums, busy, prefilled, decoders_all = totals[:5], totals[5], totals[6], totals[7]
         self.steps = sums[0]
         if sums[0] < MIN_DECODE_STEPS_FOR_SLOPE or prefilled < MIN_TOKENS_FOR_SPEED or not decoders_all or not busy:
-            self.tokens_per_request = 0.0
+            # not measured (yet, or no longer): every figure says so, not an older estimate
+            self.slope_us = self.prefill_us_per_token = self.steps_per_request = self.tokens_per_request = 0.0
             return
         self.slope_us = step_slope_us(*sums)
         self.prefill_us_per_token = busy / prefilled
