@@ -2,11 +2,13 @@
 
 For each case (16 ranks, simulated) every rule runs on the same workload; `sim_experiments.attribution`
 splits each request's time: TTFT = queueing behind other prefills + KV wait (at the queue head with
-no room in the pool) + its own prefill; TPOT = decoding + stall (decode time lost to prefill steps on
-its rank); and the prefill tokens a better-cached rank had (affinity) or that were evicted between
-routing and admission. The tables then set each compared rule (`--compare`: the default and the
-other candidates) against the best of the linear sweep and Dynamo's rule for each metric, cause by
-cause, and against the issue's bar (`GATES`). Results: benchmarks/results/sim/sim_diagnosis*.{json,md,png}.
+no room in the pool) + its own prefill (also for the slowest 1%, what P99 TTFT is made of); TPOT =
+decoding + stall (decode time lost to prefill steps on its rank); and the prefill tokens a
+better-cached rank had (affinity) or that were evicted between routing and admission. The tables
+then set each compared rule (`--compare`: the default and the other candidates) against the best of
+the linear sweep and Dynamo's rule for each metric, cause by cause, and against the issue's bar
+(`GATES`); a last table says which rules (the baselines too) meet the bar at all. Results:
+benchmarks/results/sim/sim_diagnosis*.{json,md,png}.
 
 Step times come from the cost profiles of `sim/cost.py`: the GPU rooflines' efficiency factors are
 assumed, not measured (`--mfu-scale` / `--bw-scale` move them, `--cost-scales 0.5,2` repeats each case
@@ -53,6 +55,12 @@ COMPONENTS = [
     ("ttft_mean_ms", "TTFT"), ("ttft_queue_ms", "queue"), ("ttft_kv_wait_ms", "KV wait"),
     ("ttft_prefill_ms", "prefill"), ("tpot_mean_ms", "TPOT"), ("tpot_stall_ms", "stall"),
     ("hit_ratio", "hit"), ("affinity_lost_tokens", "affinity lost tok"), ("evicted_tokens", "evicted tok"),
+    ("decode_batch_mean", "decode batch"),
+]  # fmt: skip
+# the slowest 1% of requests, split the same way (rows of runs before these were recorded have none)
+TAIL = [
+    ("ttft_p99_ms", "P99 TTFT"), ("tail_queue_ms", "queue"), ("tail_kv_wait_ms", "KV wait"),
+    ("tail_prefill_ms", "prefill"), ("tail_prompt_tokens", "prompt tok"), ("tail_uncached_tokens", "uncached tok"),
 ]  # fmt: skip
 
 
@@ -79,9 +87,23 @@ def _specs(args: argparse.Namespace) -> list[dict]:
     return specs
 
 
+def _cell(v: float | None, k: str, sign: str = "") -> str:
+    """A component's value ("-" for rows recorded before it was)."""
+    return "-" if v is None else f"{v:{sign}.{3 if k == 'hit_ratio' else 1}f}"
+
+
 def _line(r: dict) -> str:
-    cells = [f"{r[k]:.3f}" if k == "hit_ratio" else f"{r[k]:.1f}" for k, _ in COMPONENTS]
-    return f"| {r['rule']} | " + " | ".join(cells) + " |"
+    return f"| {r['rule']} | " + " | ".join(_cell(r.get(k), k) for k, _ in COMPONENTS) + " |"
+
+
+def tail(sub: list[dict]) -> list[str]:
+    """One case's slowest 1% per rule (by P99 TTFT): whether it is queueing or their own prefill (means
+    over those requests: they add up to their mean TTFT, above the P99 itself)."""
+    sub = sorted((r for r in sub if "tail_queue_ms" in r), key=lambda r: r["ttft_p99_ms"])
+    if not sub:
+        return []
+    head = ["| slowest 1%: rule | " + " | ".join(n for _, n in TAIL) + " |", "|---" * (len(TAIL) + 1) + "|"]
+    return head + [f"| {r['rule']} | " + " | ".join(f"{r[k]:.0f}" for k, _ in TAIL) + " |" for r in sub]
 
 
 def versus(rows: list[dict], rule: str) -> list[str]:
@@ -93,7 +115,7 @@ def versus(rows: list[dict], rule: str) -> list[str]:
     out = [f"| {rule} minus the best on ... | " + " | ".join(n for _, n in COMPONENTS) + " |",
            "|---" * (len(COMPONENTS) + 1) + "|"]  # fmt: skip
     for metric, b in best.items():
-        diffs = [f"{ours[k] - b[k]:+.{3 if k == 'hit_ratio' else 1}f}" for k, _ in COMPONENTS]
+        diffs = [_cell(ours[k] - b[k] if k in ours and k in b else None, k, "+") for k, _ in COMPONENTS]
         out.append(f"| {metric} ({b['rule']}, {rule} at {ratios[metric]:.2f}x) | " + " | ".join(diffs) + " |")
     return out
 
@@ -173,6 +195,29 @@ def verdict(rows: list[dict], rules: list[str]) -> list[str]:
     return out
 
 
+def reachable(rows: list[dict]) -> list[str]:
+    """Per case and seed, every rule that ran (the baselines too, against the best baseline per
+    metric, themselves included) that meets the bar, or, when none does, the one nearest to it
+    (the smallest worst ratio over its gate): where none meets it, the bar asks for a point that no
+    rule in the tables reaches."""
+    out = ["| case | seed | rules meeting the bar | nearest when none: rule (TTFT / TPOT / P99 over the bar) |",
+           "|---|---|---|---|"]  # fmt: skip
+    for case, seed in sorted({(r["case"], r["seed"]) for r in rows}):
+        sub = [r for r in rows if r["case"] == case and r["seed"] == seed]
+        over = {}
+        for r in sub:
+            found = _against_best(sub, r["rule"])
+            if found is not None:
+                over[r["rule"]] = {m: found[1][m] / g for m, g in GATES.items()}
+        meeting = [rule for rule, o in over.items() if max(o.values()) <= 1.0]
+        if meeting:
+            out.append(f"| {case} | {seed} | {', '.join(meeting)} | |")
+        elif over:
+            rule, o = min(over.items(), key=lambda kv: max(kv[1].values()))
+            out.append(f"| {case} | {seed} | none | {rule} (" + " / ".join(f"{v:.2f}" for v in o.values()) + ") |")
+    return out
+
+
 def e2e(rows: list[dict], rules: list[str]) -> list[str]:
     """Mean arrival-to-last-token latency per case and seed, each compared rule over the best
     baseline's: what the marginal rules minimise summed, beside the two means the bar judges apart
@@ -217,12 +262,16 @@ def main() -> None:
     rows = reused + sx.run_all([s for s in specs if _key(s) not in done], args.workers, "diagnosis")
     compare = args.compare.split(",")
     md = ["## Summary", "", *summary(rows, compare), "", "## Verdict", "", *verdict(rows, compare), ""]
+    md += ["## Which rules meet the bar at all (every rule that ran, against the best baseline per metric)", "",
+           *reachable(rows), ""]  # fmt: skip
     if table := e2e(rows, compare):
         md += ["## Mean end-to-end latency / the best baseline's (not part of the bar)", "", *table, ""]
     for case, seed in sorted({(r["case"], r["seed"]) for r in rows}):
         sub = sorted((r for r in rows if r["case"] == case and r["seed"] == seed), key=lambda r: r["ttft_mean_ms"])
         md += [f"## {case}, seed {seed}", "", "| rule | " + " | ".join(n for _, n in COMPONENTS) + " |",
                "|---" * (len(COMPONENTS) + 1) + "|", *map(_line, sub), ""]  # fmt: skip
+        if lines := tail(sub):
+            md += [*lines, ""]
         for rule in compare:
             md += [*versus(sub, rule), ""]
     _plot(rows, args)

@@ -22,6 +22,7 @@ import functools
 import json
 import time
 from collections.abc import Callable
+from itertools import compress
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -101,6 +102,10 @@ def run(spec: dict) -> dict:
         "guard_trips": dict(getattr(sim.router.rule, "trips", {})),
         # the router's measured decode cost at the end (`core.decode_cost`; read by marginal_decode)
         "decode_tokens_per_request": sim.router.decode_cost.tokens_per_request,
+        # requests per decode step, over every rank's decode steps (SGLang's decode_moments: sum b / steps):
+        # at equal throughput a smaller batch means faster steps, and more requests held in the queue
+        "decode_batch_mean": sum(k.decode_moments[1] for k in sim.ranks)
+        / max(1.0, sum(k.decode_moments[0] for k in sim.ranks)),
         "sim_wall_s": wall,
         "ttft_hist": np.histogram(np.log10(np.maximum(ttft, 1e-3)), bins=60, range=(-1, 5))[0].tolist(),
     }
@@ -111,12 +116,16 @@ def attribution(reqs: list) -> dict:
     TTFT = queueing (behind other prefills) + KV wait (at the queue head, no room) + prefill (its
     own chunks, and whatever ran between them); TPOT = decoding + stall (decode time lost to
     prefill steps on its rank, per output token); prefill tokens a better-cached rank had
-    (affinity) or that were evicted between routing and admission (eviction)."""
+    (affinity) or that were evicted between routing and admission (eviction); and the same split
+    of TTFT for the slowest 1% (`tail_*`: what P99 TTFT is made of)."""
     kv_wait = np.array([r.kv_wait for r in reqs])
     admitted = np.array([r.admitted_at - r.arrival for r in reqs])
     prefill = np.array([r.first_token - r.admitted_at for r in reqs])
     outs = [r for r in reqs if r.output_len > 1]
     stall = np.array([r.stall / (r.output_len - 1) for r in outs])
+    ttft = np.array([r.first_token - r.arrival for r in reqs])
+    tail = ttft >= np.percentile(ttft, 99)  # the slowest 1%: what sets P99 TTFT
+    prompt = np.array([len(r.tokens) for r in reqs])
     return {
         "ttft_queue_ms": float((admitted - kv_wait).mean() * 1e3),
         "ttft_kv_wait_ms": float(kv_wait.mean() * 1e3),
@@ -124,6 +133,11 @@ def attribution(reqs: list) -> dict:
         "tpot_stall_ms": float(stall.mean() * 1e3) if len(outs) else 0.0,
         "affinity_lost_tokens": float(np.mean([r.best_cached - r.predicted_cached for r in reqs])),
         "evicted_tokens": float(np.mean([max(0, r.predicted_cached - r.cached) for r in reqs])),
+        "tail_queue_ms": float((admitted - kv_wait)[tail].mean() * 1e3),
+        "tail_kv_wait_ms": float(kv_wait[tail].mean() * 1e3),
+        "tail_prefill_ms": float(prefill[tail].mean() * 1e3),
+        "tail_prompt_tokens": float(prompt[tail].mean()),
+        "tail_uncached_tokens": float(np.mean([len(r.tokens) - r.cached for r in compress(reqs, tail)])),
     }
 
 

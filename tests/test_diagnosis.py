@@ -1,0 +1,51 @@
+"""The diagnosis benchmark's own arithmetic (`benchmarks/sim_diagnosis.py`): where the slowest 1% of
+requests spent their time, and which rules meet the issue's bar at all. Hand-made requests and rows,
+so a wrong split or a wrong verdict shows here and not as a plausible table."""
+
+from benchmarks import sim_diagnosis as sd
+from benchmarks.sim_experiments import attribution
+from benchmarks.sim_tally import tally
+from sglang_kvmul.sim.rank import SimRequest
+
+
+def _request(rid: int, prompt: int, queue: float, kv_wait: float, prefill: float, cached: int = 0) -> SimRequest:
+    req = SimRequest(rid, arrival=10.0, tokens=tuple(range(prompt)), output_len=2, cached=cached)
+    req.kv_wait = kv_wait
+    req.admitted_at = req.arrival + queue + kv_wait
+    req.first_token = req.admitted_at + prefill
+    return req
+
+
+def test_the_slowest_percent_is_split_into_its_own_causes():
+    # 198 fast requests and 2 slow ones (the top 1%): a long cold prompt that queued, and one that
+    # waited for KV pages; the tail's split must be theirs alone and add up to their TTFT
+    reqs = [_request(i, 100, 0.01, 0.0, 0.02, cached=50) for i in range(198)]
+    reqs += [_request(198, 90_000, 8.0, 0.0, 3.0), _request(199, 50_000, 1.0, 2.0, 1.5, cached=10_000)]
+    a = attribution(reqs)
+    assert a["tail_queue_ms"] == 4500.0 and a["tail_kv_wait_ms"] == 1000.0 and a["tail_prefill_ms"] == 2250.0
+    assert (a["tail_prompt_tokens"], a["tail_uncached_tokens"]) == (70_000, 65_000)
+    assert a["ttft_queue_ms"] < 60  # the means are still over everyone
+
+
+def _row(rule: str, ttft: float, tpot: float, p99: float) -> dict:
+    return {"case": "c", "seed": 0, "rule": rule, "ttft_mean_ms": ttft, "tpot_mean_ms": tpot, "ttft_p99_ms": p99}
+
+
+def test_reachable_names_every_rule_within_the_bar_or_the_nearest_one():
+    # the best TTFT and the best TPOT come from different baselines: only a rule near both meets the bar
+    rows = [_row("linear:0.5", 100, 20, 300), _row("dynamo", 150, 10, 280), _row("ours", 104, 10.4, 300)]
+    assert sd.reachable(rows)[2] == "| c | 0 | ours | |"
+    # nobody within 1.05x of both: the nearest by its worst ratio over the gate (ours: TPOT 1.3 / 1.05)
+    rows[2] = _row("ours", 104, 13, 300)
+    assert sd.reachable(rows)[2] == "| c | 0 | none | ours (0.99 / 1.24 / 0.97) |"
+
+
+def test_the_tally_counts_each_point_once_and_names_those_nobody_meets():
+    near = [_row("linear:0.5", 100, 20, 300), _row("dynamo", 150, 10, 280), _row("ours", 104, 10.4, 300)]
+    far = [{**r, "case": "d"} for r in (_row("linear:0.5", 100, 20, 300), _row("dynamo", 150, 10, 280),
+                                         _row("ours", 104, 13, 300))]  # fmt: skip
+    per_rule, nobody = tally({("c", 0): near, ("d", 0): far}, ["ours", "dynamo"])
+    ours, dynamo = per_rule
+    assert (ours["met"], ours["points"], dynamo["met"]) == (1, 2, 0)
+    assert ours["tpot_mean_ms_worst"] == 1.3 and round(ours["tpot_mean_ms_geo"], 6) == round((1.04 * 1.3) ** 0.5, 6)
+    assert nobody == ["d, seed 0"]
