@@ -17,7 +17,10 @@ from benchmarks import sim_diagnosis as sd
 from benchmarks import sim_experiments as sx
 from benchmarks.common import pyplot, write_results
 
-SETS = "sim_diagnosis,sim_diagnosis_seeds,sim_diagnosis_seeds_more,sim_diagnosis_mixed,sim_diagnosis_costs"
+SETS = ",".join([
+    "sim_diagnosis", "sim_diagnosis_seeds", "sim_diagnosis_seeds_more", "sim_diagnosis_mixed",
+    "sim_diagnosis_mixed_seeds", "sim_diagnosis_costs",
+])  # fmt: skip
 
 
 def points(names: list[str]) -> dict[tuple[str, int], list[dict]]:
