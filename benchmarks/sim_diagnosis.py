@@ -159,21 +159,32 @@ def _ratios(rows: list[dict], rule: str) -> list[tuple[str, int, dict[str, float
     return out
 
 
+def meets(ratios: dict[str, float]) -> bool:
+    """Whether a rule's ratios to the best baseline are all within the issue's bar (`GATES`)."""
+    return all(ratios[m] <= g for m, g in GATES.items())
+
+
+def rule_stats(rows: list[dict], rule: str) -> dict | None:
+    """`rule` over every case and seed it ran: how many meet the bar, and per metric the geometric
+    mean of its ratios and the worst one with its case (None if it ran nowhere)."""
+    rs = _ratios(rows, rule)
+    if not rs:
+        return None
+    worst = {m: max(rs, key=lambda x, m=m: x[2][m]) for m in GATES}
+    return {
+        "rule": rule, "met": sum(meets(r) for _, _, r in rs), "points": len(rs),
+        "geo": {m: float(np.exp(np.mean(np.log([r[m] for _, _, r in rs])))) for m in GATES},
+        "worst": {m: w[2][m] for m, w in worst.items()}, "worst_case": {m: w[0] for m, w in worst.items()},
+    }  # fmt: skip
+
+
 def summary(rows: list[dict], rules: list[str]) -> list[str]:
     """Per rule: how many cases meet the bar, the geometric mean of each ratio, and the worst one."""
     out = ["| rule | cases meeting the bar | " + " | ".join(f"{m} geo-mean / worst" for m in GATES) + " |",
            "|---" * (len(GATES) + 2) + "|"]  # fmt: skip
-    for rule in rules:
-        rs = _ratios(rows, rule)
-        if not rs:
-            continue
-        met = sum(all(r[m] <= g for m, g in GATES.items()) for _, _, r in rs)
-        cells = []
-        for m in GATES:
-            vals = [r[m] for _, _, r in rs]
-            worst = max(rs, key=lambda x, m=m: x[2][m])
-            cells.append(f"{float(np.exp(np.mean(np.log(vals)))):.2f} / {worst[2][m]:.2f} ({worst[0]})")
-        out.append(f"| {rule} | {met} of {len(rs)} | " + " | ".join(cells) + " |")
+    for st in filter(None, (rule_stats(rows, rule) for rule in rules)):
+        cells = [f"{st['geo'][m]:.2f} / {st['worst'][m]:.2f} ({st['worst_case'][m]})" for m in GATES]
+        out.append(f"| {st['rule']} | {st['met']} of {st['points']} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -190,25 +201,30 @@ def verdict(rows: list[dict], rules: list[str]) -> list[str]:
                 continue
             _, ratios, best = found
             cells = [f"{ratios[m]:.2f} ({best[m]['rule']})" for m in GATES]
-            ok = all(ratios[m] <= g for m, g in GATES.items())
+            ok = meets(ratios)
             out.append(f"| {case} | {seed} | {rule} | " + " | ".join(cells) + f" | {'yes' if ok else 'NO'} |")
     return out
 
 
+def over_the_bar(sub: list[dict]) -> dict[str, dict[str, float]]:
+    """For one case and seed, every rule that ran (the baselines too, against the best baseline per
+    metric, themselves included): its ratios over the gates (<= 1 everywhere: it meets the bar)."""
+    over = {}
+    for r in sub:
+        found = _against_best(sub, r["rule"])
+        if found is not None:
+            over[r["rule"]] = {m: found[1][m] / g for m, g in GATES.items()}
+    return over
+
+
 def reachable(rows: list[dict]) -> list[str]:
-    """Per case and seed, every rule that ran (the baselines too, against the best baseline per
-    metric, themselves included) that meets the bar, or, when none does, the one nearest to it
-    (the smallest worst ratio over its gate): where none meets it, the bar asks for a point that no
-    rule in the tables reaches."""
+    """Per case and seed, the rules that meet the bar (`over_the_bar`), or, when none does, the one
+    nearest to it (the smallest worst ratio over its gate): where none meets it, the bar asks for a
+    point that no rule in the tables reaches."""
     out = ["| case | seed | rules meeting the bar | nearest when none: rule (TTFT / TPOT / P99 over the bar) |",
            "|---|---|---|---|"]  # fmt: skip
     for case, seed in sorted({(r["case"], r["seed"]) for r in rows}):
-        sub = [r for r in rows if r["case"] == case and r["seed"] == seed]
-        over = {}
-        for r in sub:
-            found = _against_best(sub, r["rule"])
-            if found is not None:
-                over[r["rule"]] = {m: found[1][m] / g for m, g in GATES.items()}
+        over = over_the_bar([r for r in rows if r["case"] == case and r["seed"] == seed])
         meeting = [rule for rule, o in over.items() if max(o.values()) <= 1.0]
         if meeting:
             out.append(f"| {case} | {seed} | {', '.join(meeting)} | |")

@@ -4,7 +4,7 @@ so a wrong split or a wrong verdict shows here and not as a plausible table."""
 
 from benchmarks import sim_diagnosis as sd
 from benchmarks.sim_experiments import attribution
-from benchmarks.sim_tally import tally
+from benchmarks.sim_tally import nobody_meets
 from sglang_kvmul.sim.rank import SimRequest
 
 
@@ -44,8 +44,8 @@ def test_the_tally_counts_each_point_once_and_names_those_nobody_meets():
     near = [_row("linear:0.5", 100, 20, 300), _row("dynamo", 150, 10, 280), _row("ours", 104, 10.4, 300)]
     far = [{**r, "case": "d"} for r in (_row("linear:0.5", 100, 20, 300), _row("dynamo", 150, 10, 280),
                                          _row("ours", 104, 13, 300))]  # fmt: skip
-    per_rule, nobody = tally({("c", 0): near, ("d", 0): far}, ["ours", "dynamo"])
-    ours, dynamo = per_rule
+    ours, dynamo = (sd.rule_stats(near + far, rule) for rule in ("ours", "dynamo"))
     assert (ours["met"], ours["points"], dynamo["met"]) == (1, 2, 0)
-    assert ours["tpot_mean_ms_worst"] == 1.3 and round(ours["tpot_mean_ms_geo"], 6) == round((1.04 * 1.3) ** 0.5, 6)
-    assert nobody == ["d, seed 0"]
+    assert ours["worst"]["tpot_mean_ms"] == 1.3 and ours["worst_case"]["tpot_mean_ms"] == "d"
+    assert round(ours["geo"]["tpot_mean_ms"], 6) == round((1.04 * 1.3) ** 0.5, 6)
+    assert nobody_meets(near + far) == ["d, seed 0"]
