@@ -254,8 +254,9 @@ def e2e(rows: list[dict], rules: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str | None = None) -> argparse.ArgumentParser:
+    """The command line (also `sim_frontier`'s, under its own doc and defaults)."""
+    ap = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=",".join(CASES), help=f"of {', '.join(CASES)}")
     ap.add_argument("--rules", default=",".join([*CANDIDATES, *BASELINES]))
     ap.add_argument("--compare", default=",".join(CANDIDATES), help="the rules set against the best baseline")
@@ -269,13 +270,22 @@ def main() -> None:
     ap.add_argument("--name", default="sim_diagnosis")
     ap.add_argument("--reuse", default=None, help="earlier results (names) whose identical runs are not repeated")
     add_trace_arg(ap)
-    args = ap.parse_args()
+    return ap
+
+
+def collect(args: argparse.Namespace) -> list[dict]:
+    """Every run the arguments name: the rows `--reuse` already has, the others simulated."""
     if any(CASES[c]["workload"] == "mooncake" for c in args.cases.split(",")):
         sx.TRACE = trace_path(args.trace)  # checked here: a pool worker cannot exit with the message
     specs = _specs(args)
     reused = _reused(args.reuse, specs) if args.reuse else []
     done = {_key(r) for r in reused}
-    rows = reused + sx.run_all([s for s in specs if _key(s) not in done], args.workers, "diagnosis")
+    return reused + sx.run_all([s for s in specs if _key(s) not in done], args.workers, "diagnosis")
+
+
+def main() -> None:
+    args = parser().parse_args()
+    rows = collect(args)
     compare = args.compare.split(",")
     md = ["## Summary", "", *summary(rows, compare), "", "## Verdict", "", *verdict(rows, compare), ""]
     md += ["## Which rules meet the bar at all (every rule that ran, against the best baseline per metric)", "",

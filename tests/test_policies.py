@@ -1,5 +1,7 @@
 """The baseline rules, each checked against its published definition on hand-made views."""
 
+import dataclasses
+
 import pytest
 from helpers import view
 
@@ -123,6 +125,27 @@ def test_dynamo_cost_credits_overlap_and_charges_decode_blocks():
     assert pick("dynamo", view(cached=(600, 0), kv=(200, 0))) == 0
     costs = rule_by_name("dynamo").choose(view(cached=(64, 0), kv=(0, 0), prompt=128, page=16), 0).costs
     assert costs == [(8 - 4) + 0 + 8, 8 + 0 + 8]
+
+
+def test_tuned_spellings_weight_dynamos_prefill_and_marginal_decodes_decode_cost():
+    """`dynamo:<w>` and `marginal_decode:<scale>` (sim_frontier's tuned family); the bare names stay
+    the rules as shipped."""
+    v = view(cached=(600, 0), kv=(900, 0))  # rank 0: prefill 400 blocks + decode 900; rank 1: 1000 + 0
+    assert rule_by_name("dynamo").choose(v, 0).costs == [400 + 900 + 1000, 1000 + 0 + 1000]
+    assert rule_by_name("dynamo:4").choose(v, 0).costs == [4 * 400 + 900 + 1000, 4 * 1000 + 0 + 1000]
+    assert pick("dynamo", v) == 1 and pick("dynamo:4", v) == 0
+    assert [rule_by_name(t).name for t in ("dynamo", "dynamo:1", "dynamo:0.5")] == ["dynamo", "dynamo", "dynamo:0.5"]
+    # marginal_decode adds D * batch; scaled, scale * D * batch
+    d = view(cached=(1000, 900), running=(4, 0))
+    d = dataclasses.replace(d, decode_tokens_per_request=50.0)
+    assert rule_by_name("marginal_decode").costs(d) == [0 + 4 * 50, 100 * 1 + 0]
+    assert rule_by_name("marginal_decode:0.25").costs(d) == [0 + 4 * 50 * 0.25, 100 * 1 + 0]
+    assert pick("marginal_decode", d) == 1 and pick("marginal_decode:0.25", d) == 0
+    assert rule_by_name("marginal_decode:1").name == "marginal_decode"
+    for bad, msg in (("dynamo:-1", "weight >= 0, got -1"), ("marginal_decode:x", "number >= 0, got 'x'")):
+        with pytest.raises(ValueError, match=msg):
+            rule_by_name(bad)
+    assert "dynamo[:<weight>]" in rule_help() and "marginal_decode[:<scale>]" in rule_help()
 
 
 def test_sglang_cache_aware_gates_on_imbalance_then_match_rate():

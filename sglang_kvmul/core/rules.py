@@ -167,9 +167,18 @@ class MarginalDecode(MarginalBounded):
 
     name = "marginal_decode"
 
+    def __init__(self, scale: float = 1.0) -> None:
+        # `marginal_decode:<scale>` multiplies D: a tuned weight, for `sim_frontier`'s search of what
+        # tuning could reach; the rule as named takes none (scale 1)
+        if not scale >= 0.0:
+            raise ValueError(f"marginal_decode:<scale> needs a scale >= 0, got {scale}")
+        self.scale = scale
+        if scale != 1.0:
+            self.name = f"marginal_decode:{scale:g}"
+
     def costs(self, view: RankView) -> list[float]:
         costs = super().costs(view)
-        d = view.decode_tokens_per_request
+        d = view.decode_tokens_per_request * self.scale
         return list(map(add, costs, map(d.__mul__, view.batch))) if d else costs
 
 
@@ -249,8 +258,13 @@ class Dynamo(CostRule):
     name = "dynamo"
 
     def __init__(self, prefill_load_scale: float = 1.0, overlap_credit: float = 1.0) -> None:
+        # `dynamo:<w>` sets prefill_load_scale, Dynamo's tunable overlap_score_weight (default 1)
+        if not prefill_load_scale >= 0.0:
+            raise ValueError(f"dynamo:<weight> needs a weight >= 0, got {prefill_load_scale}")
         self.prefill_load_scale = prefill_load_scale
         self.overlap_credit = overlap_credit
+        if prefill_load_scale != 1.0:
+            self.name = f"dynamo:{prefill_load_scale:g}"
 
     def costs(self, view: RankView) -> list[float]:
         ps = view.page_size
@@ -304,6 +318,7 @@ class RuleSpec:
     summary: str
     make: Callable[[str | None], Rule]
     arg_help: str | None = None
+    arg_optional: bool = False  # `name` alone is the rule with its built-in value
 
 
 def _plain(cls: Callable[[], Rule]) -> Callable[[str | None], Rule]:
@@ -315,12 +330,19 @@ def _plain(cls: Callable[[], Rule]) -> Callable[[str | None], Rule]:
     return make
 
 
-def _linear(arg: str | None) -> Rule:
-    try:
-        alpha = float(arg)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"linear:<alpha> needs a number in [0, 1], got {arg!r}") from None
-    return Linear(alpha)
+def _numeric(cls: Callable[[float], Rule], need: str) -> Callable[[str | None], Rule]:
+    """`make` for a rule whose argument is one number (`cls()` when the argument is optional and absent)."""
+
+    def make(arg: str | None) -> Rule:
+        if arg is None:
+            return cls()  # type: ignore[call-arg]
+        try:
+            value = float(arg)
+        except ValueError:
+            raise ValueError(f"{need}, got {arg!r}") from None
+        return cls(value)
+
+    return make
 
 
 REGISTRY: dict[str, RuleSpec] = {
@@ -331,13 +353,30 @@ REGISTRY: dict[str, RuleSpec] = {
         RuleSpec("marginal_latency", "queued + uncached * (batch + 1): latency added to all", _plain(MarginalLatency)),
         RuleSpec("marginal_bounded", "marginal_capped, own wait bounded; the default", _plain(MarginalBounded)),
         RuleSpec("marginal_capped", "marginal_latency below max_running", _plain(MarginalLatencyCapped)),
-        RuleSpec("marginal_decode", "marginal_bounded plus measured decode cost", _plain(MarginalDecode)),
+        RuleSpec(
+            "marginal_decode",
+            "marginal_bounded plus measured decode cost",
+            _numeric(MarginalDecode, "marginal_decode:<scale> needs a number >= 0"),
+            "scale of the decode cost (tuned; default 1)",
+            arg_optional=True,
+        ),
         RuleSpec("kvmul_excess", "the product on queues in excess of the shortest", _plain(KvmulExcess)),
         RuleSpec("cache_only", "most cached tokens (pure affinity)", _plain(CacheOnly)),
         RuleSpec("load_only", "fewest running + waiting requests", _plain(LoadOnly)),
         RuleSpec("vllm_v1", "vLLM v1's balancer, 4 * waiting + running", _plain(VllmV1)),
-        RuleSpec("linear", "alpha * uncached share + (1 - alpha) * batch share", _linear, "alpha in [0, 1]"),
-        RuleSpec("dynamo", "NVIDIA Dynamo's KV router cost", _plain(Dynamo)),
+        RuleSpec(
+            "linear",
+            "alpha * uncached share + (1 - alpha) * batch share",
+            _numeric(Linear, "linear:<alpha> needs a number in [0, 1]"),
+            "alpha in [0, 1]",
+        ),
+        RuleSpec(
+            "dynamo",
+            "NVIDIA Dynamo's KV router cost",
+            _numeric(Dynamo, "dynamo:<weight> needs a number >= 0"),
+            "weight of the prefill blocks (overlap_score_weight; default 1)",
+            arg_optional=True,
+        ),
         RuleSpec("sglang_cache_aware", "the SGLang gateway's cache_aware policy", _plain(SglangCacheAware)),
         RuleSpec("round_robin", "SGLang's round_robin (simulator)", _plain(RoundRobin)),
         RuleSpec("total_tokens", "SGLang's total_tokens (simulator)", _plain(TotalTokens)),
@@ -346,7 +385,10 @@ REGISTRY: dict[str, RuleSpec] = {
 
 
 def _spelling(spec: RuleSpec) -> str:
-    return f"{spec.name}:<{spec.arg_help.split()[0]}>" if spec.arg_help else spec.name
+    if not spec.arg_help:
+        return spec.name
+    arg = f"<{spec.arg_help.split()[0]}>"
+    return f"{spec.name}[:{arg}]" if spec.arg_optional else f"{spec.name}:{arg}"
 
 
 def rule_by_name(text: str) -> Rule:
@@ -356,7 +398,7 @@ def rule_by_name(text: str) -> Rule:
     if spec is None:
         choices = ", ".join(_spelling(s) for s in REGISTRY.values())
         raise ValueError(f"unknown routing rule {text!r}; choose from {choices}")
-    if spec.arg_help and not sep:
+    if spec.arg_help and not spec.arg_optional and not sep:
         raise ValueError(f"rule {name!r} needs an argument: {_spelling(spec)} ({spec.arg_help})")
     return spec.make(arg if sep else None)
 
