@@ -2,7 +2,9 @@
 the other workload seeds, mixed chunks, the roofline's efficiency factors halved and doubled) read
 back, each (case, seed, scheduling mode) counted once, and per rule: the points within the bar, the
 geometric mean and worst of each ratio to the best baseline, and the points no rule meets. No
-simulation runs here; the figures are those of the result files named (`--sets`).
+simulation runs here; the figures are those of the result files named (`--sets`). With
+`sim_frontier`'s sets named first (`sim_tally_tuned.md`), the points no rule meets count its tuned
+rules too.
 Results: benchmarks/results/sim/sim_tally.{json,md,png}.
 """
 

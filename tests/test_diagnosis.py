@@ -3,6 +3,7 @@ requests spent their time, and which rules meet the issue's bar at all. Hand-mad
 so a wrong split or a wrong verdict shows here and not as a plausible table."""
 
 from benchmarks import sim_diagnosis as sd
+from benchmarks import sim_frontier as frontier
 from benchmarks.sim_experiments import attribution
 from benchmarks.sim_tally import nobody_meets
 from sglang_kvmul.sim.rank import SimRequest
@@ -49,3 +50,15 @@ def test_the_tally_counts_each_point_once_and_names_those_nobody_meets():
     assert ours["worst"]["tpot_mean_ms"] == 1.3 and ours["worst_case"]["tpot_mean_ms"] == "d"
     assert round(ours["geo"]["tpot_mean_ms"], 6) == round((1.04 * 1.3) ** 0.5, 6)
     assert nobody_meets(near + far) == ["d, seed 0"]
+
+
+def test_the_frontier_gives_each_metrics_nearest_within_the_other_gates_and_the_pareto_front():
+    # baselines: TTFT best 100 (linear), TPOT best 10 (dynamo), P99 best 280 (dynamo); gates 105 / 10.5 / 308
+    rows = [_row("linear:0.5", 100, 20, 300), _row("dynamo", 150, 10, 280),
+            _row("fast", 104, 12.6, 300),  # TTFT and P99 within their gates, TPOT 1.2x its gate
+            _row("lean", 126, 10.4, 300),  # TPOT and P99 within, TTFT 1.2x
+            _row("worse", 130, 13, 300)]  # beaten by both on both means: off the front  # fmt: skip
+    near = frontier.nearest(rows)
+    assert near["tpot_mean_ms"] == (1.2, "fast") and near["ttft_mean_ms"] == (1.2, "lean")
+    assert near["ttft_p99_ms"] is None  # nobody is within both mean gates
+    assert [r["rule"] for r in frontier.pareto(rows)] == ["linear:0.5", "fast", "lean", "dynamo"]
