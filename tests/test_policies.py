@@ -142,7 +142,13 @@ def test_tuned_spellings_weight_dynamos_prefill_and_marginal_decodes_decode_cost
     assert rule_by_name("marginal_decode:0.25").costs(d) == [0 + 4 * 50 * 0.25, 100 * 1 + 0]
     assert pick("marginal_decode", d) == 1 and pick("marginal_decode:0.25", d) == 0
     assert rule_by_name("marginal_decode:1").name == "marginal_decode"
-    for bad, msg in (("dynamo:-1", "weight >= 0, got -1"), ("marginal_decode:x", "number >= 0, got 'x'")):
+    bad_args = [
+        ("dynamo:-1", "weight >= 0, got -1"),
+        ("marginal_decode:x", "number >= 0, got 'x'"),
+        ("dynamo:inf", "number >= 0, got 'inf'"),
+        ("marginal_decode:nan", "number >= 0, got 'nan'"),
+    ]
+    for bad, msg in bad_args:
         with pytest.raises(ValueError, match=msg):
             rule_by_name(bad)
     assert "dynamo[:<weight>]" in rule_help() and "marginal_decode[:<scale>]" in rule_help()

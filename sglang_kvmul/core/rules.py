@@ -7,6 +7,7 @@ baseline: a class here and one `RuleSpec` line.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import add, lt, mul
@@ -339,7 +340,9 @@ def _numeric(cls: Callable[[float], Rule], need: str) -> Callable[[str | None], 
         try:
             value = float(arg)
         except ValueError:
-            raise ValueError(f"{need}, got {arg!r}") from None
+            value = math.nan
+        if not math.isfinite(value):  # a cost must stay finite ("inf" and "nan" parse as floats)
+            raise ValueError(f"{need}, got {arg!r}")
         return cls(value)
 
     return make
