@@ -49,7 +49,17 @@ CASES: dict[str, dict] = {
 GATES = {"ttft_mean_ms": 1.05, "tpot_mean_ms": 1.05, "ttft_p99_ms": 1.1}  # the bar, vs the best baseline
 BASELINES = [*sx.LINEAR, "dynamo"]
 CANDIDATES = list(
-    dict.fromkeys([DEFAULT_RULE, "marginal_decode", "marginal_capped", "marginal_latency", "kvmul_excess", "kvmul"])
+    dict.fromkeys(
+        [
+            DEFAULT_RULE,
+            "marginal_bounded",
+            "marginal_decode",
+            "marginal_capped",
+            "marginal_latency",
+            "kvmul_excess",
+            "kvmul",
+        ]
+    )
 )
 COMPONENTS = [
     ("ttft_mean_ms", "TTFT"), ("ttft_queue_ms", "queue"), ("ttft_kv_wait_ms", "KV wait"),

@@ -154,6 +154,16 @@ def test_tuned_spellings_weight_dynamos_prefill_and_marginal_decodes_decode_cost
     assert "dynamo[:<weight>]" in rule_help() and "marginal_decode[:<scale>]" in rule_help()
 
 
+def test_marginal_rebalance_counts_the_decode_cost_for_one_arrival_interval():
+    """D x min(1, 2 / mean batch): the full decode cost at batches of one or two, an eighth at 16."""
+    v = dataclasses.replace(view(cached=(1000, 900), running=(4, 0)), decode_tokens_per_request=50.0)
+    busy = dataclasses.replace(v, decode_batch_mean=16.0)
+    assert rule_by_name("marginal_rebalance").costs(busy) == [0 + 4 * 50 * 2 / 16, 100 * 1 + 0]
+    assert pick("marginal_rebalance", busy) == 0 and pick("marginal_decode", busy) == 1
+    for light in (dataclasses.replace(v, decode_batch_mean=1.5), v):  # <= 2 requests, or not measured yet
+        assert rule_by_name("marginal_rebalance").costs(light) == rule_by_name("marginal_decode").costs(light)
+
+
 def test_sglang_cache_aware_gates_on_imbalance_then_match_rate():
     # balanced, good match -> best match
     assert pick("sglang_cache_aware", view(cached=(0, 600), running=(1, 3))) == 1

@@ -208,7 +208,7 @@ def test_sglang_decode_moments_reach_marginal_decode():
                sum(b * t for b, t in pts), sum(b for b, _ in pts)]  # fmt: skip
     routers = {
         name: KvmulRouter(num_ranks=2, page_size=1, rule=rule_by_name(name))
-        for name in ("marginal_decode", DEFAULT_RULE)
+        for name in ("marginal_decode", "marginal_rebalance", "marginal_bounded")
     }
     for r in routers.values():
         feed(r, 0, stored(PREFIX))
@@ -226,4 +226,7 @@ def test_sglang_decode_moments_reach_marginal_decode():
     # rank 0 holds 100 of the 101 tokens and runs 4: 1 * 5 + 4 * 400 against rank 1's 101 * 1
     d = routers["marginal_decode"].decide(prompt, limit=100)
     assert (d.rank, d.scores) == (1, [1605, 101])
-    assert routers[DEFAULT_RULE].decide(prompt, limit=100).rank == 0  # without the decode term: 5 < 101
+    assert routers["marginal_bounded"].decide(prompt, limit=100).rank == 0  # no decode term: 5 < 101
+    # 4 requests per decode step on average (half the steps at 2, half at 6): D over 2 arrival intervals
+    assert routers["marginal_rebalance"].decode_cost.batch_mean == 4.0
+    assert routers["marginal_rebalance"].decide(prompt, limit=100).scores == [5 + 4 * 400 * 2 / 4, 101]

@@ -31,7 +31,7 @@ __all__ = [
 
 # The rule `--load-balance-method kvmul` routes with unless `--kvmul-policy` names another (issue #14:
 # `benchmarks/results/sim/sim_diagnosis.md`); the paper's product stays selectable as `kvmul`.
-DEFAULT_RULE = "marginal_bounded"
+DEFAULT_RULE = "marginal_rebalance"
 
 
 class CostRule:
@@ -74,8 +74,8 @@ class MarginalLatency(CostRule):
     linear sweep and Dynamo's rule 1.53x -> 1.00x there, 1.90x -> 0.96x for agentic sessions on
     Qwen3-30B-A3B pools, 0.81x -> 0.35x for Mooncake at 12x). What it gives up: tails under
     overload (P99 TTFT at 12x 1.62x -> 2.24x of the best baseline's: long prompts gather on the
-    few ranks with small batches and wait out their queues; the default, `marginal_bounded`,
-    bounds that) and some mean TTFT on Mooncake at 8x (689 -> 854 ms, still 1.02x of the best
+    few ranks with small batches and wait out their queues; `marginal_bounded`, under the
+    default, bounds that) and some mean TTFT on Mooncake at 8x (689 -> 854 ms, still 1.02x of the best
     baseline)."""
 
     name = "marginal_latency"
@@ -125,7 +125,7 @@ class MarginalLatencyCapped(MarginalLatency):
 
 
 class MarginalBounded(MarginalLatencyCapped):
-    """The default: `marginal_capped` among the ranks where the request's own wait (queued +
+    """The default's prefill side: `marginal_capped` among the ranks where the request's own wait (queued +
     uncached) is at most its shortest possible wait plus its prompt length plus the mean queued
     prefill: no request waits, for the others' sake, longer than one more prefill of itself and an
     average rank's backlog. No weight: all four terms are prefill tokens the controller knows.
@@ -177,10 +177,38 @@ class MarginalDecode(MarginalBounded):
         if scale != 1.0:
             self.name = f"marginal_decode:{scale:g}"
 
+    def decode_cost(self, view: RankView) -> float:
+        """D, in prefill tokens per request in a rank's batch (0.0: not measured yet)."""
+        return view.decode_tokens_per_request * self.scale
+
     def costs(self, view: RankView) -> list[float]:
         costs = super().costs(view)
-        d = view.decode_tokens_per_request * self.scale
+        d = self.decode_cost(view)
         return list(map(add, costs, map(d.__mul__, view.batch))) if d else costs
+
+
+class MarginalRebalance(MarginalDecode):
+    """`marginal_decode` with D counted only until the routing evens the batch out again. D prices a
+    batch one request larger for as long as its requests overlap the newcomer's (half an output).
+    But the next requests the router places see that batch and go elsewhere: one rank's extra
+    request lasts about one per-rank arrival interval, which is the mean output over the mean
+    batch (Little's law, both in decode steps). So D x min(1, 2 / mean batch): the full D when
+    batches hold one or two requests, a tenth of it at twenty. No weight: the mean batch is
+    SGLang's own decode_moments (steps, sum of batch sizes), pooled like D.
+
+    The default (issue 14, simulated, 16 ranks, `sim_tally.md`): within the bar on 21 of 44 points
+    (`marginal_bounded` 16, `marginal_decode` 21); on the 33 points some rule meets, its worst mean
+    TTFT / TPOT / P99 ratios to the best baseline are 1.07 / 1.09 / 1.25 (`marginal_bounded` 1.18 /
+    1.12 / 1.37, `marginal_decode` 1.06 / 1.09 / 1.70). Long outputs TPOT 1.09x -> 1.02x, Mooncake
+    8x P99 2.05x -> 1.78x. What it gives up: the 4x sweep's TPOT 1.04x -> 1.09x (seed 0), and agentic
+    MoE with mixed chunks mean TTFT 1.07x / 0.92x -> 1.21x / 1.23x on seeds 0 and 2 (seed 1: 1.05x ->
+    0.76x)."""
+
+    name = "marginal_rebalance"
+
+    def decode_cost(self, view: RankView) -> float:
+        d, b = super().decode_cost(view), view.decode_batch_mean
+        return d * 2.0 / b if b > 2.0 else d
 
 
 class KvmulExcess(CostRule):
@@ -354,7 +382,7 @@ REGISTRY: dict[str, RuleSpec] = {
         RuleSpec("kvmul", "the LMetric product (queued + uncached) * (batch + 1)", _plain(Kvmul)),
         RuleSpec("kvmul_guard", "kvmul behind detectors for saturation, speed spread, backlog", _plain(GuardedKvmul)),
         RuleSpec("marginal_latency", "queued + uncached * (batch + 1): latency added to all", _plain(MarginalLatency)),
-        RuleSpec("marginal_bounded", "marginal_capped, own wait bounded; the default", _plain(MarginalBounded)),
+        RuleSpec("marginal_bounded", "marginal_capped, own wait bounded", _plain(MarginalBounded)),
         RuleSpec("marginal_capped", "marginal_latency below max_running", _plain(MarginalLatencyCapped)),
         RuleSpec(
             "marginal_decode",
@@ -362,6 +390,11 @@ REGISTRY: dict[str, RuleSpec] = {
             _numeric(MarginalDecode, "marginal_decode:<scale> needs a number >= 0"),
             "scale of the decode cost (tuned; default 1)",
             arg_optional=True,
+        ),
+        RuleSpec(
+            "marginal_rebalance",
+            "marginal_decode, D until the routing rebalances; the default",
+            _plain(MarginalRebalance),
         ),
         RuleSpec("kvmul_excess", "the product on queues in excess of the shortest", _plain(KvmulExcess)),
         RuleSpec("cache_only", "most cached tokens (pure affinity)", _plain(CacheOnly)),

@@ -32,6 +32,7 @@ class RankView:
     # One more request in a decode batch, over one request's output, in prefill tokens (measured
     # and pooled over ranks, `decode_cost`; 0.0 until measured)
     decode_tokens_per_request: float = 0.0
+    decode_batch_mean: float = 0.0  # requests per decode step, pooled likewise (0.0 until measured)
 
     @cached_property
     def uncached(self) -> list[int]:
