@@ -18,14 +18,13 @@ from __future__ import annotations
 from benchmarks import sim_diagnosis as sd
 from benchmarks import sim_experiments as sx
 from benchmarks.common import pyplot, write_results
+from benchmarks.sim_tally import SETS  # the result sets that already hold the untuned rules' runs
 
 TUNED = [
     *(f"linear:{a:g}" for a in (0.3, 0.4, 0.6)),
     *(f"dynamo:{w:g}" for w in (0.25, 0.5, 2, 4)),
     *(f"marginal_decode:{s:g}" for s in (0.5, 2, 4, 8)),
 ]
-# the result sets that already hold the untuned rules' runs of these points
-SETS = "sim_diagnosis,sim_diagnosis_seeds,sim_diagnosis_seeds_more,sim_diagnosis_mixed,sim_diagnosis_mixed_seeds"
 
 
 def nearest(sub: list[dict]) -> dict[str, tuple[float, str] | None]:
@@ -110,8 +109,8 @@ def main() -> None:
         compare=",".join(TUNED), name="sim_frontier", reuse=SETS,
     )  # fmt: skip
     args = ap.parse_args()
-    if args.reuse == SETS and (sx.OUT / f"{args.name}.json").exists():
-        args.reuse = f"{args.name},{SETS}"  # its own earlier runs too: a re-run redoes only what is new
+    if (sx.OUT / f"{args.name}.json").exists() and args.name not in args.reuse.split(","):
+        args.reuse = f"{args.name},{args.reuse}"  # its own earlier runs too: a re-run redoes only what is new
     rows = sd.collect(args)
     md = ["## How near any rule gets, tuned ones included", "", *report(rows), ""]
     md += ["## Which rules meet the bar at all (tuned ones included)", "", *sd.reachable(rows), ""]

@@ -174,8 +174,8 @@ class MarginalDecode(MarginalBounded):
         if not scale >= 0.0:
             raise ValueError(f"marginal_decode:<scale> needs a scale >= 0, got {scale}")
         self.scale = scale
-        if scale != 1.0:
-            self.name = f"marginal_decode:{scale:g}"
+        if scale != 1.0:  # (a subclass's own name, not marginal_decode's)
+            self.name = f"{type(self).name}:{scale:g}"
 
     def decode_cost(self, view: RankView) -> float:
         """D, in prefill tokens per request in a rank's batch (0.0: not measured yet)."""
