@@ -77,6 +77,17 @@ def busy_snapshot(rank: int) -> LoadSnapshotView:
     )  # fmt: skip
 
 
+def busy_decode_moments(rank: int) -> list[float]:
+    """SGLang's decode step-time sums for `busy_snapshot`'s rank: 10,000 steps, half at 10 requests
+    below its batch and half at 10 above, 20 ms + 50 us per request (steps, sum b, sum t_us, sum b^2,
+    sum b * t_us, generated)."""
+    running = 100 + 20 * (rank % 5)
+    pts = [(b, 20_000.0 + 50.0 * b) for b in (running - 10, running + 10)]
+    n = 5_000
+    return [2.0 * n, n * sum(b for b, _ in pts), n * sum(t for _, t in pts), n * sum(b * b for b, _ in pts),
+            n * sum(b * t for b, t in pts), n * sum(b for b, _ in pts)]  # fmt: skip
+
+
 def stored_events(prompts: list[list[int]], page: int) -> list[BlockStored]:
     """BlockStored events as SGLang emits them: new pages only, chained to their parent page, with
     content-chained hashes (the root page's is SGLang's own first-page hash)."""
@@ -240,6 +251,13 @@ def run_ranks(n_ranks: int, args: argparse.Namespace, rng: np.random.Generator, 
     router = ours["router"]
     for r in range(n_ranks):  # each rank's load as its scheduler reports it: busy, capacity known
         router.apply_snapshot(r, busy_snapshot(r), now=1.0)
+        # and its decode cost measured: the router pools SGLang's step-time sums with the requests its
+        # ledger saw past prefill, none here (nothing was dispatched), so they are given as the batch
+        snap = busy_snapshot(r)
+        router.decode_cost.update(r, busy_decode_moments(r), snap.total_prefill_busy_us,
+                                  snap.total_prefill_uncached_tokens, snap.num_running_reqs)  # fmt: skip
+    # the default's decode term must be on the timed path, not skipped as unmeasured
+    assert router.decode_cost.tokens_per_request > 0 and router.decode_cost.batch_mean > 2
     mem = _memory_per_token(n_ranks, ps, per_rank, stored_tokens) if n_ranks <= args.tracemalloc_max_ranks else None
     dyn = _ingest_dynamo(core, ps, per_rank, ours, stored_tokens) if core is not None else None
     rows = []
