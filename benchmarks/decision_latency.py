@@ -256,8 +256,9 @@ def run_ranks(n_ranks: int, args: argparse.Namespace, rng: np.random.Generator, 
         snap = busy_snapshot(r)
         router.decode_cost.update(r, busy_decode_moments(r), snap.total_prefill_busy_us,
                                   snap.total_prefill_uncached_tokens, snap.num_running_reqs)  # fmt: skip
-    # the default's decode term must be on the timed path, not skipped as unmeasured
-    assert router.decode_cost.tokens_per_request > 0 and router.decode_cost.batch_mean > 2
+    # the default's decode and turnover terms must be on the timed path, not skipped as unmeasured
+    dc = router.decode_cost
+    assert dc.tokens_per_request > 0 and dc.batch_mean > 2 and dc.output_tokens > 0
     mem = _memory_per_token(n_ranks, ps, per_rank, stored_tokens) if n_ranks <= args.tracemalloc_max_ranks else None
     dyn = _ingest_dynamo(core, ps, per_rank, ours, stored_tokens) if core is not None else None
     rows = []

@@ -49,9 +49,19 @@ from sglang_kvmul.sim import workloads
 TRACE = DEFAULT_TRACE  # main() sets the --trace argument
 OWN_FLAGS = ("render", "append")  # how this invocation ran, not what it measured
 FEATURED = DEFAULT_RULE  # the verdict is about the default rule
-RULES = tuple(  # marginal_bounded: the default's prefill side alone, the default before marginal_rebalance
+RULES = tuple(  # marginal_rebalance and marginal_bounded: the defaults before marginal_turnover
     dict.fromkeys(
-        (FEATURED, "marginal_bounded", "kvmul", "cache_only", "load_only", "vllm_v1", "dynamo", "sglang_cache_aware")
+        (
+            FEATURED,
+            "marginal_rebalance",
+            "marginal_bounded",
+            "kvmul",
+            "cache_only",
+            "load_only",
+            "vllm_v1",
+            "dynamo",
+            "sglang_cache_aware",
+        )
     )
 )
 STOCK = ("round_robin", "total_requests", "total_tokens")

@@ -164,6 +164,24 @@ def test_marginal_rebalance_counts_the_decode_cost_for_one_arrival_interval():
         assert rule_by_name("marginal_rebalance").costs(light) == rule_by_name("marginal_decode").costs(light)
 
 
+def test_marginal_turnover_prices_the_batch_a_request_will_meet_after_its_queue():
+    """A cold 4000-token prompt: rank 0 has 20000 tokens queued and 1 request, rank 1 8000 and 9.
+    By the time it starts on a rank, a fraction max(0, 1 - queued / L) of the batch there is left,
+    and the rest is the mean batch (5)."""
+    v = view(cached=(0, 0), queued=(20000, 8000), running=(1, 9), prompt=4000)
+    assert rule_by_name("marginal_turnover").costs(v) == rule_by_name("marginal_rebalance").costs(v)  # L unmeasured
+    assert pick("marginal_rebalance", v) == 0  # 20000 + 4000 * 2 < 8000 + 4000 * 10
+    half = dataclasses.replace(v, decode_output_tokens=40000.0)  # batches met: 5 - 0.5 * 4 and 5 + 0.8 * 4
+    assert rule_by_name("marginal_turnover").costs(half) == pytest.approx([20000 + 4000 * 4, 8000 + 4000 * 9.2])
+    assert pick("marginal_turnover", half) == 0
+    gone = dataclasses.replace(v, decode_output_tokens=20000.0)  # rank 0's queue outlasts every output there
+    assert rule_by_name("marginal_turnover").costs(gone) == pytest.approx([20000 + 4000 * 6, 8000 + 4000 * 8.4])
+    assert pick("marginal_turnover", gone) == 1
+    # the decode term counts the same batches: D = 100 per request
+    d = dataclasses.replace(gone, decode_tokens_per_request=100.0)
+    assert rule_by_name("marginal_turnover").costs(d) == pytest.approx([44000 + 100 * 5, 41600 + 100 * 7.4])
+
+
 def test_sglang_cache_aware_gates_on_imbalance_then_match_rate():
     # balanced, good match -> best match
     assert pick("sglang_cache_aware", view(cached=(0, 600), running=(1, 3))) == 1

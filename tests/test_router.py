@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 from helpers import via_wire
 from sglang.srt.disaggregation.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from sglang.srt.managers.load_snapshot import LoadSnapshot
@@ -208,7 +209,7 @@ def test_sglang_decode_moments_reach_marginal_decode():
                sum(b * t for b, t in pts), sum(b for b, _ in pts)]  # fmt: skip
     routers = {
         name: KvmulRouter(num_ranks=2, page_size=1, rule=rule_by_name(name))
-        for name in ("marginal_decode", "marginal_rebalance", "marginal_bounded")
+        for name in ("marginal_decode", "marginal_rebalance", "marginal_bounded", "marginal_turnover")
     }
     for r in routers.values():
         feed(r, 0, stored(PREFIX))
@@ -230,3 +231,9 @@ def test_sglang_decode_moments_reach_marginal_decode():
     # 4 requests per decode step on average (half the steps at 2, half at 6): D over 2 arrival intervals
     assert routers["marginal_rebalance"].decode_cost.batch_mean == 4.0
     assert routers["marginal_rebalance"].decide(prompt, limit=100).scores == [5 + 4 * 400 * 2 / 4, 101]
+    # one output in wall time: 200 steps of (960,000 us of decode steps + both ranks' 20 s of prefill)
+    # / 600 steps, at 100 us per prefill token
+    assert dc.output_tokens == pytest.approx(200 * (960_000 + 20_000_000) / 600 / 100)
+    # no queue on either rank: the batch it meets is the batch now, as marginal_rebalance prices it
+    turnover = routers["marginal_turnover"].decide(prompt, limit=100).scores
+    assert turnover == pytest.approx([5 + 4 * 400 * 2 / 4, 101 + 0])

@@ -44,6 +44,7 @@ class PooledDecodeCost:
         self.steps_per_request = 0.0  # the mean output, in decode steps
         self.tokens_per_request = 0.0  # what one more request in a batch costs, in prefill tokens
         self.batch_mean = 0.0  # requests per decode step, all ranks
+        self.output_tokens = 0.0  # how long one request's output lasts, in prefill tokens
 
     def update(self, rank: int, moments: Sequence[float], busy_us: int, tokens: int, decoders: int) -> None:
         """One rank's cumulative figures as of its last snapshot. (SGLang's sums are of integers:
@@ -58,12 +59,16 @@ class PooledDecodeCost:
         if sums[0] < MIN_DECODE_STEPS_FOR_SLOPE or prefilled < MIN_TOKENS_FOR_SPEED or not decoders_all or not busy:
             # not measured (yet, or no longer): every figure says so, not an older estimate
             self.slope_us = self.prefill_us_per_token = self.steps_per_request = self.tokens_per_request = 0.0
-            self.batch_mean = 0.0
+            self.batch_mean = self.output_tokens = 0.0
             return
         self.slope_us = step_slope_us(*sums)
         self.prefill_us_per_token = busy / prefilled
         self.steps_per_request = sums[1] / decoders_all  # request-steps per request past prefill
         self.batch_mean = sums[1] / sums[0]
+        # An output's duration on the clock: its decode steps, each with its share of the prefill steps
+        # that run between decode steps (with mixed chunks too: the decodes done inside prefill steps
+        # are missing from both the steps per request and the steps, so the ratio holds)
+        self.output_tokens = self.steps_per_request * ((sums[2] + busy) / sums[0]) / self.prefill_us_per_token
         # Joining a batch of B, counted like the prefill terms, over the requests there now: each has
         # on average half a request's output left, and for that overlap its steps are slower by the
         # slope and so are the newcomer's: 2 * slope * steps/2 * B. (Counting also those that will

@@ -31,7 +31,7 @@ __all__ = [
 
 # The rule `--load-balance-method kvmul` routes with unless `--kvmul-policy` names another (issue #14:
 # `benchmarks/results/sim/sim_diagnosis.md`); the paper's product stays selectable as `kvmul`.
-DEFAULT_RULE = "marginal_rebalance"
+DEFAULT_RULE = "marginal_turnover"
 
 
 class CostRule:
@@ -196,19 +196,51 @@ class MarginalRebalance(MarginalDecode):
     batches hold one or two requests, a tenth of it at twenty. No weight: the mean batch is
     SGLang's own decode_moments (steps, sum of batch sizes), pooled like D.
 
-    The default (issue 14, simulated, 16 ranks, `sim_tally.md`): within the bar on 21 of 44 points
-    (`marginal_bounded` 16, `marginal_decode` 21); on the 33 points some rule meets, its worst mean
-    TTFT / TPOT / P99 ratios to the best baseline are 1.07 / 1.09 / 1.25 (`marginal_bounded` 1.18 /
-    1.12 / 1.37, `marginal_decode` 1.06 / 1.09 / 1.70). Long outputs TPOT 1.09x -> 1.02x, Mooncake
-    8x P99 2.05x -> 1.78x. What it gives up: the 4x sweep's TPOT 1.04x -> 1.09x (seed 0), and agentic
-    MoE with mixed chunks mean TTFT 1.07x / 0.92x -> 1.21x / 1.23x on seeds 0 and 2 (seed 1: 1.05x ->
-    0.76x)."""
+    The default before `marginal_turnover` (issue 14, simulated, 16 ranks, `sim_tally.md`): within
+    the bar on 21 of 44 points (`marginal_bounded` 16, `marginal_decode` 21); on the 33 points some
+    rule meets, its worst mean TTFT / TPOT / P99 ratios to the best baseline are 1.07 / 1.09 / 1.25
+    (`marginal_bounded` 1.18 / 1.12 / 1.37, `marginal_decode` 1.06 / 1.09 / 1.70). Long outputs TPOT
+    1.09x -> 1.02x, Mooncake 8x P99 2.05x -> 1.78x. What it gives up: the 4x sweep's TPOT 1.04x ->
+    1.09x (seed 0), and agentic MoE with mixed chunks mean TTFT 1.07x / 0.92x -> 1.21x / 1.23x on
+    seeds 0 and 2 (seed 1: 1.05x -> 0.76x)."""
 
     name = "marginal_rebalance"
 
     def decode_cost(self, view: RankView) -> float:
         d, b = super().decode_cost(view), view.decode_batch_mean
         return d * 2.0 / b if b > 2.0 else d
+
+
+class MarginalTurnover(MarginalRebalance):
+    """`marginal_rebalance` with each rank's batch as the request will meet it, not as it is now. A
+    request behind a queue of q prefill tokens starts only after q; by then part of the batch it would
+    pause has finished and been replaced, and the replacements come from a router that evens batches
+    out. With the remaining outputs spread evenly over one output's duration L (its decode steps plus
+    the prefill steps between them, in prefill tokens), a fraction max(0, 1 - q / L) of the batch is
+    still there: the batch met is mean + that fraction x (batch - mean). Both the pause term and the
+    decode term use it. No weight: L is SGLang's own measurements (decode_moments' steps and step
+    time, the prefill busy time and tokens), pooled like D.
+
+    What it addresses: the prefill terms priced a rank's small batch in full however long its queue,
+    so long prompts queued for seconds behind other long prompts to pause a batch that would be gone
+    by the time they started (the P99 misses of KV pressure and the 4x sweep with mixed chunks).
+    Counting the decay from decode time alone (without the prefill steps between) made every
+    overloaded rank look alike and dropped the pause term where it matters most (the 12x sweep's
+    TPOT 0.77x -> 1.43x of the bar)."""
+
+    name = "marginal_turnover"
+
+    def costs(self, view: RankView) -> list[float]:
+        horizon, batch = view.decode_output_tokens, view.batch
+        if not horizon:  # not measured yet: the batch as it is
+            return super().costs(view)
+        mean = sum(batch) / len(batch)
+        met = [
+            mean + (1.0 - q / horizon) * (b - mean) if q < horizon else mean
+            for q, b in zip(view.queued, batch, strict=True)
+        ]
+        d = self.decode_cost(view)
+        return [q + u * (1.0 + m) + d * m for q, u, m in zip(view.queued, view.uncached, met, strict=True)]
 
 
 class KvmulExcess(CostRule):
@@ -393,8 +425,13 @@ REGISTRY: dict[str, RuleSpec] = {
         ),
         RuleSpec(
             "marginal_rebalance",
-            "marginal_decode, D until the routing rebalances; the default",
+            "marginal_decode, D until the routing rebalances",
             _plain(MarginalRebalance),
+        ),
+        RuleSpec(
+            "marginal_turnover",
+            "marginal_rebalance, each batch as the request will meet it after its queue; the default",
+            _plain(MarginalTurnover),
         ),
         RuleSpec("kvmul_excess", "the product on queues in excess of the shortest", _plain(KvmulExcess)),
         RuleSpec("cache_only", "most cached tokens (pure affinity)", _plain(CacheOnly)),
