@@ -222,11 +222,16 @@ class MarginalTurnover(MarginalRebalance):
     time, the prefill busy time and tokens), pooled like D.
 
     What it addresses: the prefill terms priced a rank's small batch in full however long its queue,
-    so long prompts queued for seconds behind other long prompts to pause a batch that would be gone
-    by the time they started (the P99 misses of KV pressure and the 4x sweep with mixed chunks).
-    Counting the decay from decode time alone (without the prefill steps between) made every
-    overloaded rank look alike and dropped the pause term where it matters most (the 12x sweep's
-    TPOT 0.77x -> 1.43x of the bar)."""
+    so long prompts queued behind other long prompts to spare a batch that would be gone by the time
+    they started (simulated, 16 ranks, `sim_tally.md`): KV pressure seed 1 P99 TTFT 1.15x -> 0.90x of
+    the best baseline's, with mixed chunks seed 2 1.16x -> 0.94x; the 4x sweep with mixed chunks seed 1
+    1.11x -> 1.04x; the slowest 1% of Mooncake 8x with mixed chunks queued 1.39 -> 1.00 s. Within
+    issue 14's bar on 23 of 44 points (`marginal_rebalance` 21), 10 of the 13 cases (9). What it
+    gives up: KV pressure with mixed chunks seed 0 (P99 1.08x -> 1.20x), the 4x sweep with mixed
+    chunks seed 2 (P99 1.09x -> 1.12x), half-speed ranks seed 2 (TPOT 1.01x -> 1.05x). Counting the
+    duration from decode time alone (without the prefill steps between) made every overloaded
+    rank's batch look like the mean and dropped the pause term where it matters most (the 12x
+    sweep's TPOT 0.81x -> 1.50x of the best baseline's, screened on 23 points)."""
 
     name = "marginal_turnover"
 
