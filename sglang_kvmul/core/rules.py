@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from operator import add, lt, mul
 
 from sglang_kvmul.core.guard import GuardedKvmul
-from sglang_kvmul.core.score import _PLUS_ONE, kvmul_scores, pick_lowest, pick_lowest_among
+from sglang_kvmul.core.score import kvmul_scores, pick_lowest, pick_lowest_among
 from sglang_kvmul.core.view import Choice, RankView, Rule
 
 __all__ = [
@@ -80,8 +81,18 @@ class MarginalLatency(CostRule):
 
     name = "marginal_latency"
 
+    def priced_batch(self, view: RankView) -> Sequence[float]:
+        """The batch each rank's terms price: the one there now (`marginal_turnover`: the one the
+        request will meet after its queue)."""
+        return view.batch
+
     def costs(self, view: RankView) -> list[float]:
-        return list(map(add, view.queued, map(mul, view.uncached, map(_PLUS_ONE, view.batch))))
+        return self.prefill_costs(view, self.priced_batch(view))
+
+    @staticmethod
+    def prefill_costs(view: RankView, batch: Sequence[float]) -> list[float]:
+        """queued + uncached * (batch + 1) per rank (C-level maps: this runs for every rank of every request)."""
+        return list(map(add, view.queued, map(mul, view.uncached, map(add, batch, repeat(1)))))
 
 
 class MarginalLatencyCapped(MarginalLatency):
@@ -182,9 +193,10 @@ class MarginalDecode(MarginalBounded):
         return view.decode_tokens_per_request * self.scale
 
     def costs(self, view: RankView) -> list[float]:
-        costs = super().costs(view)
+        batch = self.priced_batch(view)
+        costs = self.prefill_costs(view, batch)
         d = self.decode_cost(view)
-        return list(map(add, costs, map(d.__mul__, view.batch))) if d else costs
+        return list(map(add, costs, map(d.__mul__, batch))) if d else costs
 
 
 class MarginalRebalance(MarginalDecode):
@@ -235,17 +247,13 @@ class MarginalTurnover(MarginalRebalance):
 
     name = "marginal_turnover"
 
-    def costs(self, view: RankView) -> list[float]:
+    def priced_batch(self, view: RankView) -> Sequence[float]:
         horizon, batch = view.decode_output_tokens, view.batch
         if not horizon:  # not measured yet: the batch as it is
-            return super().costs(view)
-        mean = sum(batch) / len(batch)
-        met = [
-            mean + (1.0 - q / horizon) * (b - mean) if q < horizon else mean
-            for q, b in zip(view.queued, batch, strict=True)
-        ]
-        d = self.decode_cost(view)
-        return [q + u * (1.0 + m) + d * m for q, u, m in zip(view.queued, view.uncached, met, strict=True)]
+            return batch
+        m, h = sum(batch) / len(batch), horizon
+        # the mean, plus the share of each rank's batch still there when its queue has drained
+        return [m + (1.0 - q / h) * (b - m) if q < h else m for q, b in zip(view.queued, batch, strict=True)]
 
 
 class KvmulExcess(CostRule):

@@ -33,7 +33,7 @@ class RankView:
     # and pooled over ranks, `decode_cost`; 0.0 until measured)
     decode_tokens_per_request: float = 0.0
     decode_batch_mean: float = 0.0  # requests per decode step, pooled likewise (0.0 until measured)
-    decode_output_tokens: float = 0.0  # one request's decode time, in prefill tokens, pooled likewise
+    decode_output_tokens: float = 0.0  # how long one output lasts on the clock, in prefill tokens, likewise
 
     @cached_property
     def uncached(self) -> list[int]:
