@@ -49,10 +49,11 @@ from sglang_kvmul.sim import workloads
 TRACE = DEFAULT_TRACE  # main() sets the --trace argument
 OWN_FLAGS = ("render", "append")  # how this invocation ran, not what it measured
 FEATURED = DEFAULT_RULE  # the verdict is about the default rule
-RULES = tuple(  # marginal_rebalance and marginal_bounded: the defaults before marginal_turnover
+RULES = tuple(  # marginal_turnover, marginal_rebalance and marginal_bounded: the defaults before marginal_chunked
     dict.fromkeys(
         (
             FEATURED,
+            "marginal_turnover",
             "marginal_rebalance",
             "marginal_bounded",
             "kvmul",

@@ -22,7 +22,7 @@ from benchmarks.common import RESULTS, pyplot, write_results
 from sglang_kvmul.core.rules import DEFAULT_RULE, rule_by_name
 from sglang_kvmul.core.view import RankView
 
-RULES = list(dict.fromkeys([DEFAULT_RULE, "marginal_rebalance", "marginal_bounded", "kvmul"]))
+RULES = list(dict.fromkeys([DEFAULT_RULE, "marginal_turnover", "marginal_rebalance", "marginal_bounded", "kvmul"]))
 
 
 def busy_view(n: int, prompt: int, rng: random.Random) -> RankView:

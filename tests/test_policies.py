@@ -182,6 +182,26 @@ def test_marginal_turnover_prices_the_batch_a_request_will_meet_after_its_queue(
     assert rule_by_name("marginal_turnover").costs(d) == pytest.approx([44000 + 100 * 5, 41600 + 100 * 7.4])
 
 
+def test_marginal_chunked_bounds_a_long_prompts_extra_wait_by_one_chunk_past_its_cached_prefix():
+    """A cold 20000-token prompt: rank 0 runs 10 and has no queue, rank 1 runs none behind 12000
+    queued tokens. The sum of latencies queues it on rank 1 (12000 + 20000 < 20000 * 11), and the
+    prompt-long slack of `marginal_turnover` lets it (32000 <= 20000 + 20000 + 6000); one 4096-token
+    chunk of slack does not (32000 > 20000 + 4096 + 6000)."""
+    cold = dataclasses.replace(view(cached=(0, 0), queued=(0, 12000), running=(10, 0), prompt=20000), chunk_tokens=4096)
+    assert pick("marginal_turnover", cold) == 1
+    choice = rule_by_name("marginal_chunked").choose(cold, 0)
+    assert (choice.rank, choice.excluded) == (0, (1,))
+    # unchunked (chunk 0: SGLang's chunked prefill off), the slack is the whole prompt again
+    assert pick("marginal_chunked", dataclasses.replace(cold, chunk_tokens=0)) == 1
+    # the prefix cached on rank 1 counts in the slack: leaving it would re-prefill it elsewhere
+    # (own wait 12000 + 12000 <= 20000 + 4096 + 8000 + 6000)
+    warm = dataclasses.replace(cold, cached=(0, 8000))
+    assert rule_by_name("marginal_chunked").choose(warm, 0).rank == 1
+    # a prompt shorter than the chunk keeps its own length as slack: the same as marginal_turnover
+    short = dataclasses.replace(view(cached=(0, 0), queued=(0, 1500), running=(10, 0), prompt=1000), chunk_tokens=4096)
+    assert pick("marginal_chunked", short) == pick("marginal_turnover", short) == 1
+
+
 def test_sglang_cache_aware_gates_on_imbalance_then_match_rate():
     # balanced, good match -> best match
     assert pick("sglang_cache_aware", view(cached=(0, 600), running=(1, 3))) == 1

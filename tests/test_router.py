@@ -237,3 +237,24 @@ def test_sglang_decode_moments_reach_marginal_decode():
     # no queue on either rank: the batch it meets is the batch now, as marginal_rebalance prices it
     turnover = routers["marginal_turnover"].decide(prompt, limit=100).scores
     assert turnover == pytest.approx([5 + 4 * 400 * 2 / 4, 101 + 0])
+
+
+def test_chunk_size_reaches_the_rules_and_bounds_a_long_prompts_queue():
+    # SGLang's own LoadSnapshot: rank 0 runs 10 with nothing queued; rank 1 was just sent a request
+    # with 12,000 uncached tokens (the ledger counts it as waiting, queued). A cold 20,000-token prompt: marginal_turnover queues it on rank 1;
+    # with the ranks' 4,096-token chunks, marginal_chunked does not (rank 1's wait 32,000 > 20,000 +
+    # one chunk + the mean queued 6,000)
+    routers = {
+        (name, chunk): KvmulRouter(num_ranks=2, page_size=1, rule=rule_by_name(name), chunk_tokens=chunk)
+        for name in ("marginal_turnover", "marginal_chunked")
+        for chunk in (0, 4096)
+    }
+    prompt = list(range(20_000))
+    for (name, chunk), r in routers.items():
+        assert r.chunk_tokens == chunk
+        r.apply_snapshot(0, snap(1.0, running=10), now=1.0)
+        r.assign(1, list(range(100_000, 112_000)), limit=11_999, now=1.5)
+        d = r.decide(prompt, limit=len(prompt) - 1)
+        assert d.rank == (0 if (name, chunk) == ("marginal_chunked", 4096) else 1), (name, chunk)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        KvmulRouter(num_ranks=2, page_size=1, chunk_tokens=-1)

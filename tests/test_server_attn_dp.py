@@ -30,6 +30,9 @@ def test_kvmul_is_the_default_for_attention_dp(attn_dp_server):
     info = requests.get(attn_dp_server.url + "/server_info", timeout=10).json()
     assert info["load_balance_method"] == "kvmul" and info["attn_dp_size"] == 2 and info["dp_size"] == 1
     assert f"rule {DEFAULT_RULE}, 2 DP ranks" in attn_dp_server.server.log_path.read_text()
+    # SGLang divides chunked_prefill_size by the attention-DP size; the router reads the divided one
+    chunk = attn_dp_server.metric_total("kvmul_prefill_chunk_tokens")
+    assert chunk > 0 and chunk == info["chunked_prefill_size"], (chunk, info["chunked_prefill_size"])
 
 
 def test_attention_dp_shared_prefixes_stick_and_unrelated_prompts_spread(attn_dp_server):

@@ -26,6 +26,9 @@ def test_launcher_selects_kvmul_with_loopback_events(kvmul_server):
     assert info["load_balance_method"] == "kvmul"
     assert info["kv_events"]["endpoint_host"] == "127.0.0.1"
     assert info["kv_events"]["dp_size"] == 2
+    # the router bounds waits by the chunk SGLang's schedulers take (its resolved chunked_prefill_size)
+    assert info["chunked_prefill_size"] > 0
+    assert kvmul_server.metric_total("kvmul_prefill_chunk_tokens") == info["chunked_prefill_size"]
 
 
 def test_shared_prefixes_stick_and_unrelated_prompts_spread(kvmul_server):

@@ -71,15 +71,20 @@ class KvmulRouter:
         page_size: int,
         dynamo_events: bool = False,
         rule: Rule | None = None,
+        chunk_tokens: int = 0,
     ) -> None:
         """`dynamo_events`: SGLang publishes in the "dynamo" format (hashes also cover extra_key).
-        `rule`: the routing rule (`rules`, default kvmul); baselines share the same mirror and load view."""
+        `rule`: the routing rule (`rules`, default kvmul); baselines share the same mirror and load view.
+        `chunk_tokens`: the ranks' chunked_prefill_size (0: prompts are prefilled whole)."""
         self.rule: Rule = rule if rule is not None else Kvmul()
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
         self.num_ranks = num_ranks
         self.page_size = page_size
         self.dynamo_events = dynamo_events
+        if chunk_tokens < 0:
+            raise ValueError(f"chunk_tokens must be >= 0 (0: unchunked), got {chunk_tokens}")
+        self.chunk_tokens = chunk_tokens
         self.index = SharedRadixIndex(num_ranks, page_size)  # one walk per request answers every rank
         self.mirrors = [RadixMirror(page_size, self.index, r) for r in range(num_ranks)]
         self.loads = [RankLoad() for _ in range(num_ranks)]
@@ -135,6 +140,7 @@ class KvmulRouter:
             waiting=self._waiting[:],
             kv_tokens=self._kv[:],
             page_size=self.page_size,
+            chunk_tokens=self.chunk_tokens,
             batch=self._batch[:],
         )
         if self.rule.reads_capacity:  # kept off the decisions of rules that do not read them

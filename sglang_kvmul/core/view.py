@@ -34,6 +34,8 @@ class RankView:
     decode_tokens_per_request: float = 0.0
     decode_batch_mean: float = 0.0  # requests per decode step, pooled likewise (0.0 until measured)
     decode_output_tokens: float = 0.0  # how long one output lasts on the clock, in prefill tokens, likewise
+    # SGLang's chunked_prefill_size on each rank, the most prompt tokens one prefill step takes (0: unchunked)
+    chunk_tokens: int = 0
 
     @cached_property
     def uncached(self) -> list[int]:

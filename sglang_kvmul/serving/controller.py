@@ -79,7 +79,14 @@ class KvmulDataParallelController(DataParallelController):
         num_ranks = get_parallel().num_dp_ranks
         page_size = int(get_schedule().page_size or 1)
         dynamo_events = uses_dynamo_format(server_args.kv_events_config)
-        router = KvmulRouter(num_ranks, page_size, dynamo_events=dynamo_events, rule=rule_by_name(settings.policy))
+        chunk = get_schedule().chunked_prefill_size  # per rank (SGLang divides it by the attention-DP size)
+        router = KvmulRouter(
+            num_ranks,
+            page_size,
+            dynamo_events=dynamo_events,
+            rule=rule_by_name(settings.policy),
+            chunk_tokens=int(chunk) if chunk and chunk > 0 else 0,  # None or <= 0: chunking off
+        )
         streams = self._event_streams(server_args, num_ranks, page_size)
         self.kvmul = KvmulDispatcher(
             router,
@@ -104,11 +111,12 @@ class KvmulDataParallelController(DataParallelController):
                 "kvmul: Prometheus metrics on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port
             )
         logger.info(
-            "kvmul (%s): rule %s, %d DP ranks, page size %d, %s-format KV events %s",
+            "kvmul (%s): rule %s, %d DP ranks, page size %d, prefill chunk %s, %s-format KV events %s",
             __name__,
             router.rule.name,
             num_ranks,
             page_size,
+            router.chunk_tokens or "off",
             "dynamo" if dynamo_events else "default",
             [s.endpoint for s in streams] or "off",
         )

@@ -83,6 +83,7 @@ class KvmulCollector(Collector):
             ("decode_slope_us", dc.slope_us, "Measured decode step time per request in the batch, us"),
             ("decode_steps_per_request", dc.steps_per_request, "Measured mean output, in decode steps"),
             ("decode_tokens_per_request", dc.tokens_per_request, "One more request in a batch, in prefill tokens"),
+            ("prefill_chunk_tokens", r.chunk_tokens, "The ranks' chunked_prefill_size the rules bound by (0: off)"),
         ):
             yield GaugeMetricFamily(f"kvmul_{name}", text, value=value)
         yield CounterMetricFamily("kvmul_stale_marks", "Times a rank was marked stale", value=st.stale_marks)

@@ -41,7 +41,9 @@ class Simulation:
         if len(speeds) != cfg.ranks:
             raise ValueError(f"{len(speeds)} speeds for {cfg.ranks} ranks")
         self.ranks = [SimRank(r, cfg.rank, cost if s == 1.0 else ScaledCost(cost, s)) for r, s in enumerate(speeds)]
-        self.router = KvmulRouter(cfg.ranks, cfg.rank.page_size, rule=rule_by_name(cfg.rule))
+        self.router = KvmulRouter(
+            cfg.ranks, cfg.rank.page_size, rule=rule_by_name(cfg.rule), chunk_tokens=cfg.rank.chunk_tokens
+        )
         self._heap: list[tuple[float, int, str, object]] = []
         self._seq = 0
         self.step_events = 0  # steps or fused decode blocks processed
