@@ -241,9 +241,9 @@ def test_sglang_decode_moments_reach_marginal_decode():
 
 def test_chunk_size_reaches_the_rules_and_bounds_a_long_prompts_queue():
     # SGLang's own LoadSnapshot: rank 0 runs 10 with nothing queued; rank 1 was just sent a request
-    # with 12,000 uncached tokens (the ledger counts it as waiting, queued). A cold 20,000-token prompt: marginal_turnover queues it on rank 1;
-    # with the ranks' 4,096-token chunks, marginal_chunked does not (rank 1's wait 32,000 > 20,000 +
-    # one chunk + the mean queued 6,000)
+    # with 12,000 uncached tokens (the ledger counts it as waiting, queued). A cold 20,000-token
+    # prompt: marginal_turnover queues it on rank 1; with the ranks' 4,096-token chunks,
+    # marginal_chunked does not (rank 1's wait 32,000 > 20,000 + one chunk + the mean queued 6,000)
     routers = {
         (name, chunk): KvmulRouter(num_ranks=2, page_size=1, rule=rule_by_name(name), chunk_tokens=chunk)
         for name in ("marginal_turnover", "marginal_chunked")
