@@ -4,6 +4,7 @@ the predicted cached tokens equal SGLang's for sequential requests."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,14 @@ def attn_dp_server(tmp_path_factory: pytest.TempPathFactory):
 def test_kvmul_is_the_default_for_attention_dp(attn_dp_server):
     info = requests.get(attn_dp_server.url + "/server_info", timeout=10).json()
     assert info["load_balance_method"] == "kvmul" and info["attn_dp_size"] == 2 and info["dp_size"] == 1
-    assert f"rule {DEFAULT_RULE}, 2 DP ranks" in attn_dp_server.server.log_path.read_text()
-    # SGLang divides chunked_prefill_size by the attention-DP size; the router reads the divided one
+    log = attn_dp_server.server.log_path.read_text()
+    assert f"rule {DEFAULT_RULE}, 2 DP ranks" in log
+    # SGLang divides chunked_prefill_size by the attention-DP size (and logs it); the router reads
+    # the divided one, the chunk each rank's scheduler takes
     chunk = attn_dp_server.metric_total("kvmul_prefill_chunk_tokens")
-    assert chunk > 0 and chunk == info["chunked_prefill_size"], (chunk, info["chunked_prefill_size"])
+    adjusted = re.search(r"chunked prefill size is adjusted from (\d+) to (\d+)", log)
+    assert adjusted, "SGLang did not log its attention-DP chunk adjustment"
+    assert chunk == int(adjusted[2]) == int(adjusted[1]) // 2 == info["chunked_prefill_size"], (chunk, adjusted[0])
 
 
 def test_attention_dp_shared_prefixes_stick_and_unrelated_prompts_spread(attn_dp_server):
