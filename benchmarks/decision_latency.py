@@ -38,6 +38,7 @@ from sglang_kvmul.core.events import BlockRemoved, BlockStored
 from sglang_kvmul.core.load_ledger import LoadSnapshotView
 from sglang_kvmul.core.router import KvmulRouter
 from sglang_kvmul.core.rules import DEFAULT_RULE, rule_by_name
+from sglang_kvmul.sim.rank import RankConfig
 
 VOCAB = 32000
 HASH_MASK = (1 << 63) - 1
@@ -175,7 +176,9 @@ def dynamo_removed(ev: BlockRemoved, event_id: int) -> bytes:
 def _ingest_ours(n_ranks: int, ps: int, per_rank: list, stored_tokens: int, seed: int, rule: str) -> dict:
     """Our router (deciding by `rule`): ingest every rank's events, remove 10% of the leaves, restore
     them (all timed)."""
-    router = KvmulRouter(n_ranks, ps, rule=rule_by_name(rule))
+    # ranks that chunk their prefills (the simulator's 8192): prompts past one chunk take the default's
+    # chunked-slack pass over the ranks
+    router = KvmulRouter(n_ranks, ps, rule=rule_by_name(rule), chunk_tokens=RankConfig().chunk_tokens)
     t0 = time.perf_counter()
     for r, evs in enumerate(per_rank):
         router.apply_events(r, evs)

@@ -3,8 +3,9 @@ default and the rules it builds on, interleaved in one process so that each term
 ratio measured side by side (this machine is shared and noisy).
 
 Every rank busy and reported: capacities, a measured decode cost, mean batch and output duration,
-so the default's decode and turnover terms run. A fresh view per call, as the router builds one per
-request. Medians over `--repeats` rounds of `--calls` decisions, rule order alternating per round.
+and a prefill chunk shorter than the prompt, so the default's decode, turnover and chunk terms run.
+A fresh view per call, as the router builds one per request. Medians over `--repeats` rounds of
+`--calls` decisions, rule order alternating per round.
 Results: benchmarks/results/rule_cost.{json,md,png}.
 """
 
@@ -41,6 +42,7 @@ def busy_view(n: int, prompt: int, rng: random.Random) -> RankView:
         decode_tokens_per_request=300.0,
         decode_batch_mean=30.0,
         decode_output_tokens=150_000.0,
+        chunk_tokens=8192,  # below the prompt: the default's chunked slack takes its pass over the ranks
     )
 
 

@@ -155,14 +155,15 @@ class MarginalBounded(MarginalLatencyCapped):
 
     name = "marginal_bounded"
 
-    def slack(self, view: RankView) -> float:
-        """How much longer than its shortest possible wait a request may wait, in prefill tokens."""
-        return view.prompt_len + sum(view.queued) / len(view.queued)
+    def own_slack(self, view: RankView) -> float:
+        """The request's own part of the slack, in prefill tokens: one more prefill of its prompt."""
+        return view.prompt_len
 
     def allowed(self, view: RankView) -> list[bool] | None:
         free = super().allowed(view)
         own = list(map(add, view.queued, view.uncached))
-        slack = self.slack(view)
+        # how much longer than its shortest possible wait a request may wait: its own part plus the mean backlog
+        slack = self.own_slack(view) + sum(view.queued) / len(own)
         if free is None:
             bound = min(own) + slack
             return None if max(own) <= bound else [o <= bound for o in own]
@@ -273,8 +274,8 @@ class MarginalChunked(MarginalTurnover):
 
     What it addresses: a prompt-long slack scales with the prompt, so the longest prompts waited
     longest for the others' sake, and they are the tail (simulated, 16 ranks, `sim_tally.md`): the
-    slowest 1% of Mooncake 8x with mixed chunks, ~95k-token prompts, queued 1,003 ms on average
-    (the product: 299 ms); bounded by the chunk, 209 ms. P99 TTFT against the best baseline's:
+    slowest 1% of Mooncake 8x with mixed chunks, ~95k-token prompts, queued 1,003 ms on average;
+    bounded by the chunk, 209 ms. P99 TTFT against the best baseline's:
     Mooncake 8x with mixed chunks 1.18 / 1.17 / 1.14x -> 1.04 / 1.01 / 1.00x over seeds 0-2, KV
     pressure with mixed chunks seed 0 1.20x -> 0.99x, the 4x sweep with mixed chunks seeds 0 and 2
     1.11 / 1.12x -> 1.09 / 1.04x; Mooncake 8x (no rule meets it) 1.75 / 1.29 / 1.36x -> 1.15 / 1.03
@@ -284,15 +285,16 @@ class MarginalChunked(MarginalTurnover):
     0 (1.13x -> 1.25x; seeds 1 and 2 improve, 1.26 / 1.20x -> 1.19 / 1.13x). Screened and not kept:
     the chunk alone as slack (the cached prefix not counted) lost KV pressure seed 1 (P99 0.90x ->
     1.11x) and the 12x sweep (mean TTFT 0.81x -> 1.06x): sessions were pushed off long cached
-    contexts; the mean backlog alone lost long outputs with mixed chunks (mean TTFT 1.02x -> 1.21x)."""
+    contexts; the mean backlog alone lost long outputs with mixed chunks (mean TTFT 1.02x -> 1.21x)
+    (scratch screens against the stored rows, not committed)."""
 
     name = "marginal_chunked"
 
-    def slack(self, view: RankView) -> float:
-        own = view.prompt_len
-        if view.chunk_tokens:
-            own = min(own, view.chunk_tokens + max(view.cached))
-        return own + sum(view.queued) / len(view.queued)
+    def own_slack(self, view: RankView) -> float:
+        n, chunk = view.prompt_len, view.chunk_tokens
+        if not chunk or n <= chunk:  # unchunked, or a prompt within one chunk: no pass over the ranks
+            return n
+        return min(n, chunk + max(view.cached))
 
 
 class KvmulExcess(CostRule):
