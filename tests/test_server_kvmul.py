@@ -118,6 +118,24 @@ def test_sglang_decode_step_times_reach_the_router(kvmul_server):
         time.sleep(0.2)  # polling interval
 
 
+def test_measured_decode_costs_are_exported(kvmul_server):
+    """Past the thresholds for a trusted estimate (pooled decode steps, prefilled tokens), the
+    figures the marginal rules price with are served as gauges: the mean decode batch and one
+    output's duration on the clock (what `marginal_turnover` discounts a queued batch by)."""
+    rng = random.Random(9)
+    for i in range(6):  # 6 x 3,000 prefilled tokens and 6 x 48 decode steps: past both thresholds
+        resp = kvmul_server.generate(ids(rng, 3000), rid=f"decode-cost-{i}", max_new_tokens=48)
+        assert resp.status_code == 200, resp.text
+    deadline = time.monotonic() + 30
+    while (horizon := kvmul_server.metric_total("kvmul_decode_output_tokens")) == 0:
+        assert time.monotonic() < deadline, "no output duration after 288 decode steps and 18k prefilled tokens"
+        time.sleep(0.2)  # polling interval: snapshots arrive on their own
+    assert horizon > 0
+    assert kvmul_server.metric_total("kvmul_decode_batch_mean") >= 1.0  # every measured step decodes a request
+    # one output (~48 steps) lasts longer on the clock than one step of it
+    assert kvmul_server.metric_total("kvmul_decode_steps_per_request") > 1.0
+
+
 def test_chunked_prefill_and_logprob_cap_are_predicted_exactly(kvmul_server):
     """A prompt longer than the chunked-prefill budget (4096) is prefilled in chunks; a logprob
     request caps reuse at logprob_start_len. The prediction must equal SGLang's report for both."""

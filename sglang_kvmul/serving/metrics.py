@@ -83,6 +83,8 @@ class KvmulCollector(Collector):
             ("decode_slope_us", dc.slope_us, "Measured decode step time per request in the batch, us"),
             ("decode_steps_per_request", dc.steps_per_request, "Measured mean output, in decode steps"),
             ("decode_tokens_per_request", dc.tokens_per_request, "One more request in a batch, in prefill tokens"),
+            ("decode_batch_mean", dc.batch_mean, "Measured requests per decode step, all ranks"),
+            ("decode_output_tokens", dc.output_tokens, "One output's duration on the clock, in prefill tokens"),
             ("prefill_chunk_tokens", r.chunk_tokens, "The ranks' chunked_prefill_size the rules bound by (0: off)"),
         ):
             yield GaugeMetricFamily(f"kvmul_{name}", text, value=value)
