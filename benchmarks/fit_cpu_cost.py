@@ -31,12 +31,16 @@ from sglang_kvmul.sim.cost import FITTED
 POOL = 16384  # KV tokens of the fitted server
 
 
-async def _one(session: aiohttp.ClientSession, url: str, ids: list[int], out: int) -> tuple[float, float]:
-    """(TTFT, mean time per output token after the first) of one streamed request."""
+async def one_request(
+    session: aiohttp.ClientSession, url: str, ids: list[int], out: int, extra: dict | None = None
+) -> tuple[float, float]:
+    """(TTFT, mean time per output token after the first) of one streamed request (`extra`: more
+    /generate fields, such as `routed_dp_rank`)."""
     body = {
         "input_ids": ids,
         "stream": True,
         "sampling_params": {"max_new_tokens": out, "temperature": 0, "ignore_eos": True},
+        **(extra or {}),
     }
     t0 = time.perf_counter()
     first = last = None
@@ -51,7 +55,7 @@ async def _one(session: aiohttp.ClientSession, url: str, ids: list[int], out: in
 
 async def _batch(url: str, prompts: list[list[int]], out: int) -> list[tuple[float, float]]:
     async with aiohttp.ClientSession() as session:
-        return await asyncio.gather(*(_one(session, url, p, out) for p in prompts))
+        return await asyncio.gather(*(one_request(session, url, p, out) for p in prompts))
 
 
 def plot(prefill: list, decode: list, pre: tuple, dec: tuple, path) -> None:

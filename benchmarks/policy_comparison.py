@@ -41,8 +41,10 @@ from tqdm import tqdm
 from benchmarks.bench_serving_replay import replay, write_trace
 from benchmarks.common import DEFAULT_TRACE, RESULTS, add_trace_arg, pyplot, stats, trace_path
 from sglang_kvmul.core.rules import DEFAULT_RULE
+from sglang_kvmul.core.score import kvmul_scores
 from sglang_kvmul.harness.local_server import LocalServer, cpu_server_args, start_server
 from sglang_kvmul.harness.tiny_model import VOCAB, build
+from sglang_kvmul.launch.ports import free_port_range
 from sglang_kvmul.serving.settings import KvmulSettings
 from sglang_kvmul.sim import workloads
 
@@ -110,6 +112,8 @@ def configs(alphas: list[float]) -> list[Config]:
 class Deployment:
     url: str  # where clients send requests
     workers: list[LocalServer]  # the SGLang servers behind it (one dp=2, or two dp=1)
+    decision_log: Path | None = None  # our controller's one line per decision (kvmul configs)
+    metrics_url: str | None = None  # our controller's Prometheus endpoint (kvmul configs)
 
 
 @contextmanager
@@ -117,10 +121,17 @@ def deploy(cfg: Config, model: Path, pool: int, work: Path) -> Iterator[Deployme
     common = ["--enable-metrics", *cpu_server_args(pool)]
     with ExitStack() as stack:
         if cfg.kind == "dp":
-            env = KvmulSettings(poll_all_methods=True).to_env()
-            srv = start_server(model, ["--dp-size", "2", *cfg.args, *common], work / f"{_slug(cfg.name)}.log", env=env)
+            ours = "kvmul" in cfg.args  # our controller: log its decisions and serve its gauges
+            log = work / f"{_slug(cfg.name)}.decisions.jsonl" if ours else None
+            port = free_port_range(1) if ours else None
+            if log:
+                log.unlink(missing_ok=True)
+            settings = KvmulSettings(poll_all_methods=True, decision_log=log and str(log), metrics_port=port)
+            srv = start_server(
+                model, ["--dp-size", "2", *cfg.args, *common], work / f"{_slug(cfg.name)}.log", env=settings.to_env()
+            )
             stack.callback(srv.stop)
-            yield Deployment(srv.url, [srv])
+            yield Deployment(srv.url, [srv], log, port and f"http://127.0.0.1:{port}/metrics")
             return
         workers = []
         for core in (0, 1):
@@ -178,6 +189,43 @@ def requests_per_rank(dep: Deployment) -> list[float]:
     return out
 
 
+_GAUGE = re.compile(r"^kvmul_(decode_\w+|prefill_chunk_tokens) (?P<v>[0-9.e+-]+)$", re.M)
+
+
+def controller_gauges(dep: Deployment) -> dict[str, float]:
+    """Our controller's measured decode-cost figures at the end of a replay (what the marginal rules
+    priced with): empty for SGLang's own methods and the gateway."""
+    if not dep.metrics_url:
+        return {}
+    text = requests.get(dep.metrics_url, timeout=10).text
+    return {m[1]: float(m["v"]) for m in _GAUGE.finditer(text)}
+
+
+def against_product(decisions: list[dict]) -> dict[str, float]:
+    """Each routed decision next to the one the plain product would have made on the same view (the
+    logged queues, cached prefixes and batches): how often they agree, and what each pick would
+    have cost in uncached (prefill) tokens, queue ahead and batch joined. Sums, so repetitions pool."""
+    out = dict.fromkeys(("decisions", "same", "uncached", "uncached_product", "queued", "queued_product",
+                         "batch", "batch_product"), 0.0)  # fmt: skip
+    for d in decisions:
+        if d["pinned"]:
+            continue
+        uncached = [d["prompt_len"] - c for c in d["cached"]]
+        scores = kvmul_scores(d["queued"], uncached, d["batch"])
+        lowest = min(scores)
+        product = d["rank"] if scores[d["rank"]] == lowest else scores.index(lowest)
+        out["decisions"] += 1
+        out["same"] += product == d["rank"]
+        for key, values in (("uncached", uncached), ("queued", d["queued"]), ("batch", d["batch"])):
+            out[key] += values[d["rank"]]
+            out[f"{key}_product"] += values[product]
+    return out
+
+
+def _lines(path: Path | None) -> int:
+    return len(path.read_text().splitlines()) if path and path.exists() else 0
+
+
 class LoadSampler(threading.Thread):
     """Polls every worker's /v1/loads: (t, global rank, running, waiting, waiting uncached tokens)."""
 
@@ -216,6 +264,7 @@ def run_workload(
     bench_file = raw / f"{_slug(cfg.name)}.r{rep}.jsonl"
     bench_file.unlink(missing_ok=True)
     before = requests_per_rank(dep)
+    seen = _lines(dep.decision_log)
     sampler = LoadSampler(dep, sample_s)
     sampler.start()
     try:
@@ -225,6 +274,11 @@ def run_workload(
     split = [a - b for a, b in zip(requests_per_rank(dep), before, strict=True)]
     with open(raw / f"{_slug(cfg.name)}.r{rep}.loads.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in loads)
+    decisions: list[dict] = []
+    if dep.decision_log:  # this workload's decisions (the warm-up and earlier workloads' are before `seen`)
+        lines = dep.decision_log.read_text().splitlines()[seen:]
+        (raw / f"{_slug(cfg.name)}.r{rep}.decisions.jsonl").write_text("".join(d + "\n" for d in lines))
+        decisions = [json.loads(d) for d in lines]
     flush(dep)
     ttft = [x * 1000 for x, e in zip(res["ttfts"], res["errors"], strict=True) if not e]
     tpot = [(sum(itl) * 1000 / len(itl)) for itl, e in zip(res["itls"], res["errors"], strict=True) if itl and not e]
@@ -244,6 +298,8 @@ def run_workload(
         "prompt_tokens": cr["total_prompt_tokens"],
         "hit_ratio": cr["total_cached_tokens"] / max(1, cr["total_prompt_tokens"]),
         "requests_per_rank": split,
+        "controller": controller_gauges(dep),
+        "against_product": against_product(decisions),
         "ttft_samples": ttft,
         "tpot_samples": tpot,
         "loads": loads,
@@ -368,23 +424,62 @@ def pool(reps: list[dict]) -> list[dict]:
             "cached_tokens": cached, "prompt_tokens": prompt, "hit_ratio": cached / max(1, prompt),
             "requests_per_rank": [sum(x) for x in zip(*(r["requests_per_rank"] for r in rs), strict=True)],
             "ttft_samples": ttft, "tpot_samples": tpot, "loads": rs[0].get("loads", []),
+            "against_product": _summed([r.get("against_product") or {} for r in rs]),
+            "controller": [r.get("controller") or {} for r in rs],
         })  # fmt: skip
     return out
 
 
-def write_workload(wl: str, reps: list[dict], config: dict) -> dict:
-    out = RESULTS / wl
+def _summed(parts: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for p in parts for k in p}
+    return {k: sum(p.get(k, 0.0) for p in parts) for k in sorted(keys)}
+
+
+def decisions_table(runs: list[dict]) -> str:
+    """Our controller's rules, decision by decision, against the product on the same view, with the
+    decode-cost figures the marginal rules priced with (SGLang's measurements, as the controller
+    pooled them at the end of each repetition)."""
+    rows = [r for r in runs if r["against_product"].get("decisions")]
+    if not rows:
+        return ""
+    lines = [
+        "Our controller's decisions against the plain product's on the same view (the logged queues, cached "
+        "prefixes and batches; mean per decision):\n",
+        "| rule | decisions | same rank as the product | uncached tokens (product's pick) | queued tokens "
+        "(product's) | batch joined (product's) | D, prefill tokens per request in a batch | L, one output "
+        "in prefill tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: r["ttft_ms"]["mean"]):
+        a, n = r["against_product"], r["against_product"]["decisions"]
+        ctl = r["controller"]
+        d = " / ".join(f"{c.get('decode_tokens_per_request', 0):.0f}" for c in ctl)
+        big_l = " / ".join(f"{c.get('decode_output_tokens', 0):.0f}" for c in ctl)
+        lines.append(
+            f"| {r['config']} | {n:.0f} | {a['same'] / n:.0%} | {a['uncached'] / n:.0f} "
+            f"({a['uncached_product'] / n:.0f}) | {a['queued'] / n:.0f} ({a['queued_product'] / n:.0f}) | "
+            f"{a['batch'] / n:.1f} "
+            f"({a['batch_product'] / n:.1f}) | {d} | {big_l} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_workload(name: str, wl: str, reps: list[dict], config: dict) -> dict:
+    """results/<name>/ for workload `wl`: summary.json, table.md and the plots."""
+    out = RESULTS / name
     out.mkdir(parents=True, exist_ok=True)
     runs = pool(reps)
     v = verdict(runs, FEATURED if any(r["config"] == FEATURED for r in runs) else "kvmul")
-    doc = {"config": config, "verdict": v, "reps": reps}
+    doc = {"workload": wl, "config": config, "verdict": v, "reps": reps}
     (out / "summary.json").write_text(json.dumps(doc, indent=1))
     n = max(r["reps"] for r in runs)
-    md = f"# {wl}\n\nWorkload: `{json.dumps(config['workloads'][wl])}`\n\n"
+    md = f"# {name}\n\nWorkload: `{json.dumps(config['workloads'][wl])}`\n\n"
     md += f"Pooled over {n} repetition(s) per policy; per-repetition mean TTFT in the last column.\n\n"
     md += table(runs) + "\n" + _verdict_line(v) + "\n"
+    if extra := decisions_table(runs):
+        md += "\n" + extra
     (out / "table.md").write_text(md)
-    plot(runs, out, wl)
+    plot(runs, out, name)
     return v
 
 
@@ -403,24 +498,33 @@ def _verdict_line(v: dict) -> str:
     return "; ".join(parts)
 
 
-def write_overview(verdicts: dict[str, dict], config: dict) -> None:
+def write_overview() -> None:
+    """One row per saved result set (every workload, and every labelled run of one), each from its
+    own summary.json: a partial invocation does not drop the others' rows."""
     lines = [
-        "# policy_comparison", "", __doc__.strip(), "", f"Config: `{json.dumps(config['run'])}`", "",
-        "| workload | rule | mean TTFT ms | / round_robin | / total_requests | / gateway | best alpha | / best alpha | "
-        "TPOT / best alpha's | plain kvmul / rule | done-when met |", "|---|---|---|---|---|---|---|---|---|---|---|",
+        "# policy_comparison", "", __doc__.strip(), "",
+        "| workload | token scale | reps | rule | mean TTFT ms | / round_robin | / total_requests | / gateway | "
+        "best alpha | / best alpha | TPOT / best alpha's | plain kvmul / rule | done-when met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
-    for wl, v in verdicts.items():
+    for path in sorted(RESULTS.glob("*/summary.json")):
+        doc = json.loads(path.read_text())
+        if "verdict" not in doc:  # another benchmark's summary
+            continue
+        name, v, run = path.parent.name, doc["verdict"], doc["config"]["run"]
         r = v["ratios"]
         met = all(v["beats"].values()) and bool(v["within_10pct_of_best_alpha"])
         lines.append(
-            f"| [{wl}]({wl}/table.md) | {v['rule']} | {v['mean_ttft_ms']:.0f} | {_f(r.get('round_robin'))} | "
+            f"| [{name}]({name}/table.md) | {run['token_scale']:g} | {1 + max(x['rep'] for x in doc['reps'])} | "
+            f"{v['rule']} | {v['mean_ttft_ms']:.0f} | {_f(r.get('round_robin'))} | "
             f"{_f(r.get('total_requests'))} | {_f(r.get(GATEWAY))} | {v['best_alpha']} | "
             f"{_f(v['over_best_alpha'])} | {_f(v['tpot_over_best_alpha'])} | {_f(v['kvmul_over_rule'])} | "
             f"{'yes' if met else 'no'} |"
         )
     lines.append(f"\nRatios below 1 mean the rule is faster; the rule is the default ({FEATURED}) where that")
     lines.append("workload was run with it, else kvmul. Done-when: faster than round_robin, total_requests and")
-    lines.append("the gateway, and within 10% of the best linear alpha.")
+    lines.append("the gateway, and within 10% of the best linear alpha. Each set's exact configuration is in its")
+    lines.append("summary.json (`config.run`).")
     (RESULTS / "policy_comparison.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -439,13 +543,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="repetitions (order reversed on odd ones)")
     ap.add_argument("--append", action="store_true", help="add these repetitions to the saved results")
     ap.add_argument("--render", action="store_true", help="only redraw tables/plots from saved summaries")
+    ap.add_argument(
+        "--label", default="", help="save to results/<workload>-<label>/ (a variant, e.g. another --token-scale)"
+    )
     args = ap.parse_args()
     global TRACE
     TRACE = args.trace
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: servers are stopped on the way out
     wls = args.workloads.split(",")
+    dirs = {wl: f"{wl}-{args.label}" if args.label else wl for wl in wls}
     if args.render:
-        return _render(wls)
+        return _render(list(dirs.values()))
     cfgs = configs([float(a) for a in args.alphas.split(",")])
     if args.configs:
         keep = set(args.configs.split(","))
@@ -469,7 +577,7 @@ def main() -> None:
     first = 0
     if args.append:
         for wl in wls:
-            runs[wl] = json.loads((RESULTS / wl / "summary.json").read_text())["reps"]
+            runs[wl] = json.loads((RESULTS / dirs[wl] / "summary.json").read_text())["reps"]
         first = 1 + max(r["rep"] for wl in wls for r in runs[wl])
     t0 = time.time()
     bar = tqdm(total=args.reps * len(cfgs) * len(wls), desc="policy comparison", unit="run")
@@ -479,7 +587,7 @@ def main() -> None:
                 warm_up(dep, 256)
                 for wl in wls:
                     bar.set_postfix_str(f"rep {rep}: {cfg.name} / {wl}")
-                    r = run_workload(dep, cfg, wl, traces[wl], model, RESULTS / wl, args.sample_s, rep)
+                    r = run_workload(dep, cfg, wl, traces[wl], model, RESULTS / dirs[wl], args.sample_s, rep)
                     runs[wl].append(r)
                     tqdm.write(
                         f"{cfg.name:>20} {wl:>8}: TTFT mean {r['ttft_ms']['mean']:.0f} ms, "
@@ -489,17 +597,16 @@ def main() -> None:
                     bar.update(1)
     bar.close()
     config["run"]["wall_s_last_invocation"] = round(time.time() - t0)
-    verdicts = {wl: write_workload(wl, runs[wl], config) for wl in wls}
-    write_overview(verdicts, config)
-
-
-def _render(wls: list[str]) -> None:
-    verdicts, config = {}, None
     for wl in wls:
-        doc = json.loads((RESULTS / wl / "summary.json").read_text())
-        config = doc["config"]
-        verdicts[wl] = write_workload(wl, doc["reps"], config)
-    write_overview(verdicts, config)
+        write_workload(dirs[wl], wl, runs[wl], config)
+    write_overview()
+
+
+def _render(names: list[str]) -> None:
+    for name in names:
+        doc = json.loads((RESULTS / name / "summary.json").read_text())
+        write_workload(name, doc.get("workload") or name.split("-")[0], doc["reps"], doc["config"])
+    write_overview()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ so a wrong split or a wrong verdict shows here and not as a plausible table."""
 
 from benchmarks import sim_diagnosis as sd
 from benchmarks import sim_frontier as frontier
+from benchmarks.policy_comparison import against_product
 from benchmarks.sim_experiments import attribution
 from benchmarks.sim_tally import nobody_meets
 from sglang_kvmul.sim.rank import SimRequest
@@ -62,3 +63,18 @@ def test_the_frontier_gives_each_metrics_nearest_within_the_other_gates_and_the_
     assert near["tpot_mean_ms"] == (1.2, "fast") and near["ttft_mean_ms"] == (1.2, "lean")
     assert near["ttft_p99_ms"] is None  # nobody is within both mean gates
     assert [r["rule"] for r in frontier.pareto(rows)] == ["linear:0.5", "fast", "lean", "dynamo"]
+
+
+def test_real_decisions_are_set_against_the_products_pick_on_the_same_view():
+    # `policy_comparison.against_product`: two routed decisions and a pinned one (left out). The first
+    # stayed on its cached rank where the product (queue x batch) would have moved it; the second is
+    # the product's own pick
+    stayed = {"rank": 0, "prompt_len": 1000, "cached": [900, 0], "queued": [4000, 0], "batch": [3, 1], "pinned": False}
+    agreed = {"rank": 1, "prompt_len": 500, "cached": [0, 0], "queued": [100, 0], "batch": [2, 0], "pinned": False}
+    pinned = {**stayed, "rank": 1, "pinned": True}
+    a = against_product([stayed, agreed, pinned])
+    # product: (4000 + 100) x 4 = 16,400 against (0 + 1000) x 2 = 2,000 -> rank 1; then rank 1 (500 < 1,800)
+    assert (a["decisions"], a["same"]) == (2, 1)
+    assert (a["uncached"], a["uncached_product"]) == (100 + 500, 1000 + 500)
+    assert (a["queued"], a["queued_product"]) == (4000 + 0, 0 + 0)
+    assert (a["batch"], a["batch_product"]) == (3 + 0, 1 + 0)
