@@ -64,32 +64,38 @@ def main() -> None:
     def prefilling(rank: int) -> list[tuple[int, list[int], int]]:
         return [(rank, prompt(3000), 1) for _ in range(3)]  # distinct prompts: no cache hits among them
 
-    # (case, mode, the round's jobs, the figure read: 0 TTFT, 1 time per output token)
-    plan: list[tuple[str, str, Callable[[], list[tuple[int, list[int], int]]], int]] = []
+    # what is timed each round: the round's jobs, and the figure read (0: TTFT, 1: time per output token)
+    rounds: dict[str, tuple[Callable[[], list[tuple[int, list[int], int]]], int]] = {}
+    cases: list[tuple[str, str, str]] = []  # (case, its round alone, its round together)
     for n in (int(x) for x in args.prompt_lens.split(",")):
-        plan.append((f"prefill {n} tokens", "alone", lambda n=n: [(0, prompt(n), 1)], 0))
-        plan.append((f"prefill {n} tokens", "together", lambda n=n: [(0, prompt(n), 1), (1, prompt(n), 1)], 0))
-    plan.append((f"decode batch {b}", "alone", lambda: decoding(0), 1))
-    plan.append((f"decode batch {b}", "together", lambda: decoding(0) + decoding(1), 1))
-    plan.append((f"decode batch {b}, rank 1 prefilling", "alone", lambda: decoding(0), 1))
-    plan.append((f"decode batch {b}, rank 1 prefilling", "together", lambda: decoding(0) + prefilling(1), 1))
-    cases: dict[str, dict[str, list[float]]] = {}
+        rounds[f"prefill {n}"] = (lambda n=n: [(0, prompt(n), 1)], 0)
+        rounds[f"prefill {n} x2"] = (lambda n=n: [(0, prompt(n), 1), (1, prompt(n), 1)], 0)
+        cases.append((f"prefill {n} tokens", f"prefill {n}", f"prefill {n} x2"))
+    rounds["decode"] = (lambda: decoding(0), 1)  # one baseline for both decode cases
+    rounds["decode x2"] = (lambda: decoding(0) + decoding(1), 1)
+    rounds["decode + prefill"] = (lambda: decoding(0) + prefilling(1), 1)
+    cases.append((f"decode batch {b}", "decode", "decode x2"))
+    cases.append((f"decode batch {b}, rank 1 prefilling", "decode", "decode + prefill"))
+    times: dict[str, list[float]] = {key: [] for key in rounds}
     log = RESULTS / "sim.work" / "cpu_contention.server.log"  # (gitignored)
     log.parent.mkdir(parents=True, exist_ok=True)
     with running_server(model, ["--dp-size", "2", *cpu_server_args(POOL)], log) as srv:
         asyncio.run(_pinned(srv.url, [(r, prompt(256), 4) for r in (0, 1)]))  # first-call costs on both ranks
         for _ in tqdm(range(args.repeats), desc="cpu contention"):
-            for case, mode, jobs_of, metric in plan:  # alone and together interleaved: drift hits both alike
+            for key, (jobs_of, metric) in rounds.items():  # alone and together interleaved: drift hits both alike
                 requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
                 jobs = jobs_of()
                 res = asyncio.run(_pinned(srv.url, jobs))
                 mine = [x[metric] for (rank, _, _), x in zip(jobs, res, strict=True) if rank == 0]
-                cases.setdefault(case, {"alone": [], "together": []})[mode].append(float(np.median(mine)))
+                times[key].append(float(np.median(mine)))
 
     rows = []
-    for case, m in cases.items():
-        alone, together = float(np.median(m["alone"])), float(np.median(m["together"]))
-        rows.append({"case": case, "alone_s": alone, "together_s": together, "ratio": together / alone, **m})
+    for case, alone_key, together_key in cases:
+        alone, together = float(np.median(times[alone_key])), float(np.median(times[together_key]))
+        rows.append({
+            "case": case, "alone_s": alone, "together_s": together, "ratio": together / alone,
+            "alone": times[alone_key], "together": times[together_key],
+        })  # fmt: skip
     report = {"config": vars(args), "cores": os.cpu_count(), "rows": rows}
     (RESULTS / "cpu_contention.json").write_text(json.dumps(report, indent=1))
     lines = [

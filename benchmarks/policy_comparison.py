@@ -458,8 +458,7 @@ def decisions_table(runs: list[dict]) -> str:
         lines.append(
             f"| {r['config']} | {n:.0f} | {a['same'] / n:.0%} | {a['uncached'] / n:.0f} "
             f"({a['uncached_product'] / n:.0f}) | {a['queued'] / n:.0f} ({a['queued_product'] / n:.0f}) | "
-            f"{a['batch'] / n:.1f} "
-            f"({a['batch_product'] / n:.1f}) | {d} | {big_l} |"
+            f"{a['batch'] / n:.1f} ({a['batch_product'] / n:.1f}) | {d} | {big_l} |"
         )
     return "\n".join(lines) + "\n"
 

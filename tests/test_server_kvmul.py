@@ -127,10 +127,9 @@ def test_measured_decode_costs_are_exported(kvmul_server):
         resp = kvmul_server.generate(ids(rng, 3000), rid=f"decode-cost-{i}", max_new_tokens=48)
         assert resp.status_code == 200, resp.text
     deadline = time.monotonic() + 30
-    while (horizon := kvmul_server.metric_total("kvmul_decode_output_tokens")) == 0:
+    while kvmul_server.metric_total("kvmul_decode_output_tokens") == 0:
         assert time.monotonic() < deadline, "no output duration after 288 decode steps and 18k prefilled tokens"
         time.sleep(0.2)  # polling interval: snapshots arrive on their own
-    assert horizon > 0
     assert kvmul_server.metric_total("kvmul_decode_batch_mean") >= 1.0  # every measured step decodes a request
     # one output (~48 steps) lasts longer on the clock than one step of it
     assert kvmul_server.metric_total("kvmul_decode_steps_per_request") > 1.0
