@@ -2,6 +2,7 @@
 
 import random
 
+from sglang_kvmul.sim.cost import LinearCost, SharedCores
 from sglang_kvmul.sim.engine import SimConfig, Simulation
 from sglang_kvmul.sim.rank import RankConfig
 from sglang_kvmul.sim.workloads import TraceRequest, api
@@ -128,3 +129,41 @@ def test_kv_wait_is_the_time_a_request_waits_for_pages_at_the_queue_head():
     assert 0 < second.kv_blocked_at < second.admitted_at == first.finish
     assert abs(second.kv_wait - (second.admitted_at - second.kv_blocked_at)) < 1e-9
     assert all(r.kv_wait == 0.0 for r in waits[400])
+
+
+def test_shared_cores_share_the_time_of_overlapping_steps():
+    """Two ranks on shared cores, a step twice as slow while the other rank is busy (processor
+    sharing): two equal prefills, the second starting halfway through the first. The first does half
+    its work alone, the rest at half speed (ends at 1.5 T); the second does half at half speed, half
+    alone (ends at 2 T). With every factor 1 the timeline is that of independent ranks."""
+    rng = random.Random(11)
+    prompt = [rng.randrange(3, 5000) for _ in range(500)]
+    cost = LinearCost()
+    alone = cost.prefill_s(len(prompt), 0, 1)
+    work = [TraceRequest(0.0, prompt, 1, ""), TraceRequest(alone / 2, prompt[::-1], 1, "")]
+    rank = RankConfig(page_size=16, kv_pages=400)
+
+    def run(cores: SharedCores | None) -> list[float]:
+        cfg = SimConfig(ranks=2, rank=rank, rule="round_robin", event_delay_s=0.0, shared_cores=cores)
+        return [r.first_token for r in sorted(Simulation(cfg, cost).run(work), key=lambda r: r.rid)]
+
+    first, second = run(SharedCores(2.0, 2.0, 2.0, 2.0))
+    assert abs(first - 1.5 * alone) < 1e-9 and abs(second - 2.0 * alone) < 1e-9, (first, second, alone)
+    assert run(SharedCores(1.0, 1.0, 1.0, 1.0)) == run(None) == [alone, 1.5 * alone]
+    # a prefill slowed only by the other's decodes: the factor used is prefill_with_decode
+    assert SharedCores(2.0, 3.0, 4.0, 5.0).slowdown(True, 0, 1) == 3.0
+    assert SharedCores(2.0, 3.0, 4.0, 5.0).slowdown(False, 1, 1) == 1.0 + 4.0 + 3.0
+
+
+def test_shared_cores_keep_every_request_and_its_tokens():
+    """Rates re-timed on every step start and end must not lose or repeat a step: the same tokens as
+    independent ranks, every request finished, and no request faster than with cores of its own."""
+    work = api(requests=120, system_prompts=4, system_len=300, question_len=20, output_len=30, rate=8.0, seed=5)
+    out = {}
+    for cores in (None, SharedCores(1.8, 1.5, 3.0, 6.0)):
+        cfg = SimConfig(ranks=2, rank=RankConfig(page_size=16, kv_pages=600), rule="round_robin", shared_cores=cores)
+        out[cores is None] = sorted(Simulation(cfg).run(work), key=lambda r: r.rid)
+    own, shared = out[True], out[False]
+    assert [r.generated for r in own] == [r.generated for r in shared] == [r.output_len for r in own]
+    assert all(s.finish >= o.finish - 1e-9 for s, o in zip(shared, own, strict=True))
+    assert sum(s.finish - s.arrival for s in shared) > 1.2 * sum(o.finish - o.arrival for o in own)

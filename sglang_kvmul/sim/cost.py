@@ -42,16 +42,39 @@ class LinearCost:
 
 @dataclass(frozen=True)
 class ScaledCost:
-    """Another model's step times divided by `speed`: a slower (or faster) card in a mixed fleet."""
+    """Another model's step times divided by `speed`: a slower (or faster) card in a mixed fleet, or
+    a fitted profile on another machine (`decode_speed`, when given, for decode steps)."""
 
     base: CostModel
     speed: float
+    decode_speed: float | None = None
 
     def prefill_s(self, new_tokens: int, cached_context: int, requests: int) -> float:
         return self.base.prefill_s(new_tokens, cached_context, requests) / self.speed
 
     def decode_s(self, batch: int, total_context: int) -> float:
-        return self.base.decode_s(batch, total_context) / self.speed
+        return self.base.decode_s(batch, total_context) / (self.decode_speed or self.speed)
+
+
+@dataclass(frozen=True)
+class SharedCores:
+    """Ranks that share CPU cores, as the CPU test server's two ranks do (GPUs do not): a step runs
+    slower while another rank is busy. Each factor is a step's time with one other rank busy over
+    its time alone, by the kind of this step and the other's (`benchmarks/cpu_contention.py`
+    measures all four). Several busy ranks add their excess."""
+
+    prefill_with_prefill: float
+    prefill_with_decode: float
+    decode_with_decode: float
+    decode_with_prefill: float
+
+    def slowdown(self, prefill: bool, others_prefilling: int, others_decoding: int) -> float:
+        with_p, with_d = (
+            (self.prefill_with_prefill, self.prefill_with_decode)
+            if prefill
+            else (self.decode_with_prefill, self.decode_with_decode)
+        )
+        return 1.0 + others_prefilling * (with_p - 1.0) + others_decoding * (with_d - 1.0)
 
 
 @dataclass(frozen=True)
