@@ -8,8 +8,8 @@ not in the simulator; one that piles work on one rank does not.
 
 One dp=2 server of the built-in model (our launcher; requests pinned with `routed_dp_rank`, so no
 rule is involved), cache flushed before every measurement, alone and together interleaved:
-  * prefill: an N-token prompt (1 output token) on rank 0, alone, and at the same time as another
-    N-token prompt on rank 1: TTFT;
+  * prefill: an N-token prompt (1 output token) on rank 0, alone, at the same time as another
+    N-token prompt on rank 1, and (the largest N) while rank 1 decodes B requests: TTFT;
   * decode: B requests of 64-token prompts and 33 output tokens on rank 0 (time per output token),
     alone, with B more decoding on rank 1, and with rank 1 prefilling long prompts meanwhile.
 Reported as together / alone medians, side by side in one run. Writes
@@ -58,8 +58,8 @@ def main() -> None:
 
     b = args.batch
 
-    def decoding(rank: int) -> list[tuple[int, list[int], int]]:
-        return [(rank, prompt(64), 33) for _ in range(b)]
+    def decoding(rank: int, outputs: int = 33) -> list[tuple[int, list[int], int]]:
+        return [(rank, prompt(64), outputs) for _ in range(b)]
 
     def prefilling(rank: int) -> list[tuple[int, list[int], int]]:
         return [(rank, prompt(3000), 1) for _ in range(3)]  # distinct prompts: no cache hits among them
@@ -67,10 +67,14 @@ def main() -> None:
     # what is timed each round: the round's jobs, and the figure read (0: TTFT, 1: time per output token)
     rounds: dict[str, tuple[Callable[[], list[tuple[int, list[int], int]]], int]] = {}
     cases: list[tuple[str, str, str]] = []  # (case, its round alone, its round together)
-    for n in (int(x) for x in args.prompt_lens.split(",")):
+    lens = [int(x) for x in args.prompt_lens.split(",")]
+    for n in lens:
         rounds[f"prefill {n}"] = (lambda n=n: [(0, prompt(n), 1)], 0)
         rounds[f"prefill {n} x2"] = (lambda n=n: [(0, prompt(n), 1), (1, prompt(n), 1)], 0)
         cases.append((f"prefill {n} tokens", f"prefill {n}", f"prefill {n} x2"))
+    n = max(lens)  # rank 1 decodes long enough to outlast rank 0's prefill
+    rounds[f"prefill {n} + decode"] = (lambda: [(0, prompt(n), 1), *decoding(1, 8 * b)], 0)
+    cases.append((f"prefill {n} tokens, rank 1 decoding", f"prefill {n}", f"prefill {n} + decode"))
     rounds["decode"] = (lambda: decoding(0), 1)  # one baseline for both decode cases
     rounds["decode x2"] = (lambda: decoding(0) + decoding(1), 1)
     rounds["decode + prefill"] = (lambda: decoding(0) + prefilling(1), 1)
