@@ -4,6 +4,11 @@ One dp=1 server of the built-in model (one core), each measurement on an idle se
 flushed first:
   * prefill: one request of N prompt tokens and 1 output token; its TTFT is one prefill step plus the
     fixed HTTP/tokenizer path, fitted as `a + b*N + c*N^2/2` (attention over the prompt itself);
+  * prefill after a cached prefix: C tokens sent (and cached) first, then the same C plus N new
+    ones. Two attention models are fitted to all prefill points, new tokens over the whole context
+    (`c*N*(C + N/2)`, what a GPU kernel does) and the whole sequence as if new (`c*(C + N)^2/2`,
+    what SGLang's torch_native backend does: it pads the query over the prefix); the one with the
+    smaller error is kept (`attn_whole_sequence`);
   * decode: B concurrent requests of 64-token prompts and 33 output tokens; the mean time per output
     token (bench_serving's TPOT definition) is one decode step at batch B, fitted as
     `d + e*B + f*B*context`.
@@ -26,9 +31,10 @@ from tqdm import tqdm
 from benchmarks.common import RESULTS, pyplot
 from sglang_kvmul.harness.local_server import cpu_server_args, running_server
 from sglang_kvmul.harness.tiny_model import VOCAB, build
-from sglang_kvmul.sim.cost import FITTED
+from sglang_kvmul.sim.cost import FITTED, LinearCost
 
 POOL = 16384  # KV tokens of the fitted server
+CACHED_NEW = 64  # new tokens after a cached prefix
 
 
 async def one_request(
@@ -58,26 +64,40 @@ async def _batch(url: str, prompts: list[list[int]], out: int) -> list[tuple[flo
         return await asyncio.gather(*(one_request(session, url, p, out) for p in prompts))
 
 
-def plot(prefill: list, decode: list, pre: tuple, dec: tuple, path) -> None:
-    """Measured points and the fitted curves, prefill and decode side by side."""
-    (pa, pb, pc), (da, db, dc) = pre, dec
+MODEL_NAME = {False: "new tokens", True: "whole sequence"}
+
+
+def _cell(v: float | bool) -> str:
+    return str(v) if isinstance(v, bool) else f"{v:.3e}"
+
+
+def plot(prefill: list, cached: list, decode: list, costs: dict[str, LinearCost], dec: tuple, path) -> None:
+    """Measured points and the fitted curves: cold prefill, prefill after a cached prefix (both
+    attention models), decode."""
+    da, db, dc = dec
     n, t = np.array(prefill, dtype=float).T
+    c, tc = np.array(cached, dtype=float).T
     b, s = np.array(decode, dtype=float).T
     plt = pyplot()
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
     ax1.plot(n, t, "o", label="measured")
-    xs = np.linspace(0, n.max(), 50)
-    ax1.plot(xs, pa + pb * xs + pc * xs * xs / 2, "-", label="fit")
-    ax1.set_xlabel("prompt tokens")
+    ax2.plot(c, tc, "o", label="measured")
+    xs, cs = np.linspace(0, n.max(), 50), np.linspace(0, c.max(), 50)
+    for name, cost in costs.items():
+        ax1.plot(xs, [cost.prefill_s(int(x), 0, 1) for x in xs], "-", label=f"fit, {name}")
+        ax2.plot(cs, [cost.prefill_s(CACHED_NEW, int(x), 1) for x in cs], "-", label=f"fit, {name}")
+    ax1.set_xlabel("prompt tokens (none cached)")
+    ax2.set_xlabel(f"cached prefix tokens ({CACHED_NEW} new)")
     ax1.set_ylabel("TTFT (s)")
     ax1.legend()
-    ax2.plot(b, s, "o", label="measured")
-    xs = np.linspace(1, b.max(), 50)
-    ax2.plot(xs, da + db * xs + dc * xs * 80, "-", label="fit")
-    ax2.set_xlabel("decode batch")
-    ax2.set_ylabel("time per decode step (s)")
     ax2.legend()
+    ax3.plot(b, s, "o", label="measured")
+    xs = np.linspace(1, b.max(), 50)
+    ax3.plot(xs, da + db * xs + dc * xs * 80, "-", label="fit")
+    ax3.set_xlabel("decode batch")
+    ax3.set_ylabel("time per decode step (s)")
+    ax3.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -86,6 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="bench")
     ap.add_argument("--prompt-lens", default="64,256,512,1024,2048,3072")
+    ap.add_argument("--cached-lens", default="1000,2000,4000", help="cached prefixes C (N = 64 new tokens)")
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -93,28 +114,48 @@ def main() -> None:
     rng = np.random.default_rng(0)
     work = RESULTS / "sim"
     work.mkdir(parents=True, exist_ok=True)
-    prefill, decode = [], []
+    prefill, cached, decode = [], [], []
     log = RESULTS / "sim.work" / "cpu_cost_fit.server.log"  # (gitignored)
     with running_server(model, cpu_server_args(POOL), log) as srv:
-        asyncio.run(_batch(srv.url, [rng.integers(3, VOCAB, 256).tolist()], 4))  # first-call costs
+        for n in [256, *(int(x) for x in args.prompt_lens.split(","))]:  # first-call costs of each shape (not kept)
+            asyncio.run(_batch(srv.url, [rng.integers(3, VOCAB, n).tolist()], 4))
         for n in tqdm([int(x) for x in args.prompt_lens.split(",")] * args.repeats, desc="prefill"):
             requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
             ttft, _ = asyncio.run(_batch(srv.url, [rng.integers(3, VOCAB, n).tolist()], 1))[0]
             prefill.append((n, ttft))
+        for c in tqdm([int(x) for x in args.cached_lens.split(",")] * args.repeats, desc="prefill after a prefix"):
+            requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
+            prefix = rng.integers(3, VOCAB, c).tolist()
+            asyncio.run(_batch(srv.url, [[*prefix, 3]], 1))  # caches the prefix (the last token is computed)
+            ttft, _ = asyncio.run(_batch(srv.url, [prefix + rng.integers(3, VOCAB, CACHED_NEW).tolist()], 1))[0]
+            cached.append((c, ttft))
         for b in tqdm([int(x) for x in args.batches.split(",")] * args.repeats, desc="decode"):
             requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
             res = asyncio.run(_batch(srv.url, [rng.integers(3, VOCAB, 64).tolist() for _ in range(b)], 33))
             decode.append((b, float(np.median([tpot for _, tpot in res]))))
-    n, t = np.array(prefill, dtype=float).T
-    pa, pb, pc = np.linalg.lstsq(np.stack([np.ones_like(n), n, n * n / 2], 1), t, rcond=None)[0]
+    # every prefill point as (cached C, new N, TTFT); the attention regressor by model
+    pts = np.array([(0, x, y) for x, y in prefill] + [(c, CACHED_NEW, y) for c, y in cached], dtype=float)
+    c_, n_, t_ = pts.T
+    models = {False: n_ * (c_ + n_ / 2), True: (c_ + n_) ** 2 / 2}
+    fits, errors = {}, {}
+    for whole, attn in models.items():
+        fits[whole] = np.linalg.lstsq(np.stack([np.ones_like(n_), n_, attn], 1), t_, rcond=None)[0]
+        errors[whole] = float(np.mean(np.abs(np.stack([np.ones_like(n_), n_, attn], 1) @ fits[whole] / t_ - 1)))
+    whole = errors[True] < errors[False]
+    pa, pb, pc = fits[whole]
     b, s = np.array(decode, dtype=float).T
     ctx = b * (64 + 16)  # mean context per decode step: prompt + half the output
     da, db, dc = np.linalg.lstsq(np.stack([np.ones_like(b), b, ctx], 1), s, rcond=None)[0]
     fit = {
-        "prefill": {"fixed_s": pa, "per_token_s": pb, "attn_token_ctx_s": pc},
+        "prefill": {"fixed_s": pa, "per_token_s": pb, "attn_token_ctx_s": pc, "attn_whole_sequence": bool(whole)},
         "decode": {"step_s": da, "per_request_s": db, "per_context_token_s": dc},
     }
-    report = {"config": vars(args), "fit": fit, "prefill_samples": prefill, "decode_samples": decode}
+    report = {
+        "config": vars(args), "fit": fit, "prefill_samples": prefill, "cached_prefill_samples": cached,
+        "decode_samples": decode,
+        "attention_model_mean_rel_error": {MODEL_NAME[w]: e for w, e in errors.items()},
+    }  # fmt: skip
+    fitted = LinearCost(prefill_fixed_s=pa, prefill_token_s=pb, attn_token_ctx_s=pc, attn_whole_sequence=whole)
     (work / "cpu_cost_fit.json").write_text(json.dumps(report, indent=1))
     # the simulator's `cpu-bench` profile loads this (sim/cost.py): no copying of numbers by hand
     profile = {"source": "benchmarks/fit_cpu_cost.py", "kv_tokens": POOL, "kv_dtype": "bf16", "fit": fit}
@@ -122,16 +163,25 @@ def main() -> None:
     lines = [
         "# cpu_cost_fit\n", __doc__.strip(), "",
         "| term | fitted |", "|---|---|",
-        *(f"| {k}.{kk} | {vv:.3e} |" for k, v in fit.items() for kk, vv in v.items()),
-        "", "| prompt tokens | TTFT s (measured) | fitted |", "|---|---|---|",
-        *(f"| {int(x)} | {y:.4f} | {pa + pb * x + pc * x * x / 2:.4f} |" for x, y in prefill),
+        *(f"| {k}.{kk} | {_cell(vv)} |" for k, v in fit.items() for kk, vv in v.items()),
+        "", "Attention model, mean relative error over every prefill point: new tokens over the context "
+        f"{errors[False]:.1%}, the whole sequence {errors[True]:.1%}; kept: {MODEL_NAME[whole]}.",
+        "", "| cached prefix | new tokens | TTFT s (measured) | fitted |", "|---|---|---|---|",
+        *(f"| 0 | {int(x)} | {y:.4f} | {fitted.prefill_s(int(x), 0, 1):.4f} |" for x, y in prefill),
+        *(f"| {int(c)} | {CACHED_NEW} | {y:.4f} | {fitted.prefill_s(CACHED_NEW, int(c), 1):.4f} |" for c, y in cached),
         "", "| batch | decode step s (measured) | fitted |", "|---|---|---|",
         *(f"| {int(x)} | {y:.4f} | {da + db * x + dc * x * 80:.4f} |" for x, y in decode),
     ]  # fmt: skip
     (work / "cpu_cost_fit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    plot(prefill, decode, (pa, pb, pc), (da, db, dc), work / "cpu_cost_fit.png")
+    costs = {
+        MODEL_NAME[w]: LinearCost(
+            prefill_fixed_s=f[0], prefill_token_s=f[1], attn_token_ctx_s=f[2], attn_whole_sequence=w
+        )
+        for w, f in fits.items()
+    }
+    plot(prefill, cached, decode, costs, (da, db, dc), work / "cpu_cost_fit.png")
 
 
 if __name__ == "__main__":

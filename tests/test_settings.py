@@ -66,5 +66,6 @@ def test_cost_profiles_carry_their_pool_and_the_cpu_fit_comes_from_its_json():
     assert (
         cost.prefill_token_s == fit["prefill"]["per_token_s"]
         and cost.decode_ctx_s == fit["decode"]["per_context_token_s"]
+        and cost.attn_whole_sequence is fit["prefill"]["attn_whole_sequence"]
     )
     assert PROFILES["cpu-bench"].measured and not PROFILES["h100-qwen2.5-7b"].measured

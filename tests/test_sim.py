@@ -167,3 +167,20 @@ def test_shared_cores_keep_every_request_and_its_tokens():
     assert [r.generated for r in own] == [r.generated for r in shared] == [r.output_len for r in own]
     assert all(s.finish >= o.finish - 1e-9 for s, o in zip(shared, own, strict=True))
     assert sum(s.finish - s.arrival for s in shared) > 1.2 * sum(o.finish - o.arrival for o in own)
+
+
+def test_cpu_attention_prices_the_cached_prefix_as_new_and_batches_per_request():
+    """SGLang's torch_native backend pads a prefill's query over its cached prefix, so its attention
+    grows with the whole sequence squared (fit_cpu_cost picks that model from measurements); a GPU
+    kernel's grows with the new tokens times the context. Either way a batch of two equal requests
+    costs twice one request's attention, with the cached context summed over the batch."""
+    gpu, cpu = LinearCost(), LinearCost(attn_whole_sequence=True)
+    c = gpu.attn_token_ctx_s
+    assert abs((gpu.prefill_s(100, 3000, 1) - gpu.prefill_s(100, 0, 1)) - c * 100 * 3000) < 1e-12
+    assert abs((cpu.prefill_s(100, 3000, 1) - cpu.prefill_s(100, 0, 1)) - c * (3100**2 - 100**2) / 2) < 1e-12
+    for cost in (gpu, cpu):
+        attn_one = cost.prefill_s(100, 3000, 1) - cost.prefill_fixed_s - cost.prefill_token_s * 100
+        attn_two = cost.prefill_s(200, 6000, 2) - cost.prefill_fixed_s - cost.prefill_token_s * 200
+        assert abs(attn_two - 2 * attn_one) < 1e-12
+    extra = {cost: cost.prefill_s(64, 4000, 1) - cost.prefill_s(64, 0, 1) for cost in (gpu, cpu)}
+    assert extra[cpu] > 30 * extra[gpu]  # (4064^2 - 64^2) / 2 against 64 * 4000

@@ -31,9 +31,17 @@ class LinearCost:
     decode_step_s: float = 0.005  # per decode step
     decode_req_s: float = 0.2e-3  # per running request per decode step
     decode_ctx_s: float = 5e-9  # per context token read per decode step (KV bandwidth)
+    # SGLang's torch_native attention (the CPU server's) pads each request's query over its cached
+    # prefix (`_run_sdpa_forward_extend`): a prefill's attention costs as if the prefix were new
+    attn_whole_sequence: bool = False
 
     def prefill_s(self, new_tokens: int, cached_context: int, requests: int) -> float:
-        attn = new_tokens * (cached_context + new_tokens / max(1, requests) / 2)
+        """`cached_context` is summed over the batch; attention is priced per request, at the mean."""
+        per = max(1, requests)
+        if self.attn_whole_sequence:
+            attn = per * ((cached_context + new_tokens) / per) ** 2 / 2
+        else:
+            attn = new_tokens * (cached_context + new_tokens / 2) / per
         return self.prefill_fixed_s + self.prefill_token_s * new_tokens + self.attn_token_ctx_s * attn
 
     def decode_s(self, batch: int, total_context: int) -> float:
@@ -165,6 +173,7 @@ def fitted_linear(name: str, note: str) -> Profile:
     cost = LinearCost(
         prefill_fixed_s=pre["fixed_s"], prefill_token_s=pre["per_token_s"], attn_token_ctx_s=pre["attn_token_ctx_s"],
         decode_step_s=dec["step_s"], decode_req_s=dec["per_request_s"], decode_ctx_s=dec["per_context_token_s"],
+        attn_whole_sequence=pre.get("attn_whole_sequence", False),
     )  # fmt: skip
     return Profile(cost, doc["kv_tokens"], doc["kv_dtype"], True, note)
 
