@@ -9,14 +9,14 @@ Simulated ranks are independent, as GPUs are. On the 2-core CPU server they are 
 the HTTP server, the tokenizer and the client share two cores, and a busy rank slows the other one
 (`benchmarks/cpu_contention.py`), so a rule that spreads work over both ranks pays for it there and a
 rule that piles everything on one rank does not. Each replay is therefore run three ways:
-  * `as fitted`: `cpu-bench` as fitted (on an earlier machine), independent ranks;
+  * `as fitted`: `cpu-bench` as fitted (on the machine `fit_cpu_cost` last ran on), independent ranks;
   * `this machine`: `cpu-bench`'s prefill and decode times scaled to the machine the contention
     benchmark ran on (its figures for one rank alone against the fit's), independent ranks;
   * `shared cores`: the same, with the ranks slowing each other by the contention benchmark's four
     measured factors (`sim.cost.SharedCores`: processor sharing, re-timed at every step start and end).
 Every factor is measured; what is assumed is the model: a step's rate depends only on which kind of
 step the other rank runs, at the slowdown measured for one prompt size and one batch. Tables: the
-kvmul / round_robin mean-TTFT ratio on the three workloads; every configuration of the KV-pressure
+kvmul / round_robin mean-TTFT ratio on each workload's default set; every configuration of the KV-pressure
 set that ran on the same machine as the contention benchmark, with the rank correlation between the
 measured and each simulated order. Writes JSON, a markdown table and a PNG to benchmarks/results/sim/.
 """
@@ -37,7 +37,7 @@ from sglang_kvmul.sim.engine import SimConfig, Simulation
 from sglang_kvmul.sim.rank import RankConfig
 from sglang_kvmul.sim.workloads import TraceRequest
 
-RULES = ("kvmul", "round_robin", "cache_only")
+RULES = ("kvmul", "round_robin")
 # the simulator's rule for each measured configuration that is not one of ours
 SIM_RULE = {GATEWAY: "sglang_cache_aware", "total_requests": "load_only"}
 MODES = ("as fitted", "this machine", "shared cores")
@@ -128,7 +128,7 @@ def main() -> None:
         + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in machine["shared_cores"].items())
         + ".",
         "",
-        "kvmul / round_robin mean TTFT (the three workloads' sets ran on earlier machines):",
+        "kvmul / round_robin mean TTFT (each workload's default set, run on an earlier machine):",
         "",
         "| workload | measured kvmul / rr (ms) | ratio | per repetition | " + SIM_HEADS,
         "|---|---|---|---|" + "---|" * len(MODES),
