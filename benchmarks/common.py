@@ -36,6 +36,11 @@ def stats(xs: Sequence[float]) -> dict[str, float | None]:
     return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
 
 
+def geo_mean(xs: Sequence[float]) -> float:
+    """The geometric mean: how ratios (to a best baseline, of two runs) are averaged here."""
+    return float(np.exp(np.mean(np.log(np.asarray(xs, dtype=float)))))
+
+
 def pyplot():
     """matplotlib's pyplot on the headless Agg backend (imported only by the scripts that plot)."""
     import matplotlib

@@ -30,7 +30,7 @@ import requests
 from tqdm import tqdm
 
 from benchmarks.common import RESULTS, pyplot
-from benchmarks.fit_cpu_cost import one_request
+from benchmarks.fit_cpu_cost import DECODE_OUTPUTS, DECODE_PROMPT, one_request
 from sglang_kvmul.harness.local_server import cpu_server_args, running_server
 from sglang_kvmul.harness.tiny_model import VOCAB, build
 
@@ -58,8 +58,8 @@ def main() -> None:
 
     b = args.batch
 
-    def decoding(rank: int, outputs: int = 33) -> list[tuple[int, list[int], int]]:
-        return [(rank, prompt(64), outputs) for _ in range(b)]
+    def decoding(rank: int, outputs: int = DECODE_OUTPUTS) -> list[tuple[int, list[int], int]]:
+        return [(rank, prompt(DECODE_PROMPT), outputs) for _ in range(b)]
 
     def prefilling(rank: int) -> list[tuple[int, list[int], int]]:
         return [(rank, prompt(3000), 1) for _ in range(3)]  # distinct prompts: no cache hits among them

@@ -35,6 +35,9 @@ from sglang_kvmul.sim.cost import FITTED, LinearCost
 
 POOL = 16384  # KV tokens of the fitted server
 CACHED_NEW = 64  # new tokens after a cached prefix
+DECODE_PROMPT, DECODE_OUTPUTS = 64, 33  # each decode measurement's requests (cpu_contention's too)
+DECODE_CONTEXT = DECODE_PROMPT + DECODE_OUTPUTS // 2  # their mean context per decode step
+SOURCE = "benchmarks/fit_cpu_cost.py (real CPU SGLang server, built-in `bench` model, one rank on one core)"
 
 
 async def one_request(
@@ -67,14 +70,42 @@ async def _batch(url: str, prompts: list[list[int]], out: int) -> list[tuple[flo
 MODEL_NAME = {False: "new tokens", True: "whole sequence"}
 
 
+def fit_samples(prefill: list, cached: list, decode: list) -> tuple[dict, dict[str, LinearCost], dict[bool, float]]:
+    """The fit's terms, a `LinearCost` per attention model (the kept one has the smaller mean
+    relative error over every prefill point), and those errors. Pure: the saved samples refit
+    to the saved profile (tests/test_settings.py)."""
+    pts = np.array([(0, x, y) for x, y in prefill] + [(c, CACHED_NEW, y) for c, y in cached], dtype=float)
+    c_, n_, t_ = pts.T  # every prefill point as (cached C, new N, TTFT)
+    b, s = np.array(decode, dtype=float).T
+    da, db, dc = np.linalg.lstsq(np.stack([np.ones_like(b), b, b * DECODE_CONTEXT], 1), s, rcond=None)[0]
+    fits, errors = {}, {}
+    for whole, attn in {False: n_ * (c_ + n_ / 2), True: (c_ + n_) ** 2 / 2}.items():
+        x = np.stack([np.ones_like(n_), n_, attn], 1)
+        fits[whole] = np.linalg.lstsq(x, t_, rcond=None)[0]
+        errors[whole] = float(np.mean(np.abs(x @ fits[whole] / t_ - 1)))
+    whole = errors[True] < errors[False]
+    pa, pb, pc = fits[whole]
+    fit = {
+        "prefill": {"fixed_s": pa, "per_token_s": pb, "attn_token_ctx_s": pc, "attn_whole_sequence": bool(whole)},
+        "decode": {"step_s": da, "per_request_s": db, "per_context_token_s": dc},
+    }  # fmt: skip
+    costs = {
+        MODEL_NAME[w]: LinearCost(
+            prefill_fixed_s=f[0], prefill_token_s=f[1], attn_token_ctx_s=f[2], attn_whole_sequence=w,
+            decode_step_s=da, decode_req_s=db, decode_ctx_s=dc,
+        )
+        for w, f in fits.items()
+    }  # fmt: skip
+    return fit, costs, errors
+
+
 def _cell(v: float | bool) -> str:
     return str(v) if isinstance(v, bool) else f"{v:.3e}"
 
 
-def plot(prefill: list, cached: list, decode: list, costs: dict[str, LinearCost], dec: tuple, path) -> None:
+def plot(prefill: list, cached: list, decode: list, costs: dict[str, LinearCost], path) -> None:
     """Measured points and the fitted curves: cold prefill, prefill after a cached prefix (both
-    attention models), decode."""
-    da, db, dc = dec
+    attention models), decode (the same fit in both)."""
     n, t = np.array(prefill, dtype=float).T
     c, tc = np.array(cached, dtype=float).T
     b, s = np.array(decode, dtype=float).T
@@ -94,7 +125,7 @@ def plot(prefill: list, cached: list, decode: list, costs: dict[str, LinearCost]
     ax2.legend()
     ax3.plot(b, s, "o", label="measured")
     xs = np.linspace(1, b.max(), 50)
-    ax3.plot(xs, da + db * xs + dc * xs * 80, "-", label="fit")
+    ax3.plot(xs, [next(iter(costs.values())).decode_s(int(x), int(x) * DECODE_CONTEXT) for x in xs], "-", label="fit")
     ax3.set_xlabel("decode batch")
     ax3.set_ylabel("time per decode step (s)")
     ax3.legend()
@@ -131,34 +162,20 @@ def main() -> None:
             cached.append((c, ttft))
         for b in tqdm([int(x) for x in args.batches.split(",")] * args.repeats, desc="decode"):
             requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
-            res = asyncio.run(_batch(srv.url, [rng.integers(3, VOCAB, 64).tolist() for _ in range(b)], 33))
+            prompts = [rng.integers(3, VOCAB, DECODE_PROMPT).tolist() for _ in range(b)]
+            res = asyncio.run(_batch(srv.url, prompts, DECODE_OUTPUTS))
             decode.append((b, float(np.median([tpot for _, tpot in res]))))
-    # every prefill point as (cached C, new N, TTFT); the attention regressor by model
-    pts = np.array([(0, x, y) for x, y in prefill] + [(c, CACHED_NEW, y) for c, y in cached], dtype=float)
-    c_, n_, t_ = pts.T
-    models = {False: n_ * (c_ + n_ / 2), True: (c_ + n_) ** 2 / 2}
-    fits, errors = {}, {}
-    for whole, attn in models.items():
-        fits[whole] = np.linalg.lstsq(np.stack([np.ones_like(n_), n_, attn], 1), t_, rcond=None)[0]
-        errors[whole] = float(np.mean(np.abs(np.stack([np.ones_like(n_), n_, attn], 1) @ fits[whole] / t_ - 1)))
-    whole = errors[True] < errors[False]
-    pa, pb, pc = fits[whole]
-    b, s = np.array(decode, dtype=float).T
-    ctx = b * (64 + 16)  # mean context per decode step: prompt + half the output
-    da, db, dc = np.linalg.lstsq(np.stack([np.ones_like(b), b, ctx], 1), s, rcond=None)[0]
-    fit = {
-        "prefill": {"fixed_s": pa, "per_token_s": pb, "attn_token_ctx_s": pc, "attn_whole_sequence": bool(whole)},
-        "decode": {"step_s": da, "per_request_s": db, "per_context_token_s": dc},
-    }
+    fit, costs, errors = fit_samples(prefill, cached, decode)
+    whole = fit["prefill"]["attn_whole_sequence"]
+    fitted = costs[MODEL_NAME[whole]]
     report = {
         "config": vars(args), "fit": fit, "prefill_samples": prefill, "cached_prefill_samples": cached,
         "decode_samples": decode,
         "attention_model_mean_rel_error": {MODEL_NAME[w]: e for w, e in errors.items()},
     }  # fmt: skip
-    fitted = LinearCost(prefill_fixed_s=pa, prefill_token_s=pb, attn_token_ctx_s=pc, attn_whole_sequence=whole)
     (work / "cpu_cost_fit.json").write_text(json.dumps(report, indent=1))
     # the simulator's `cpu-bench` profile loads this (sim/cost.py): no copying of numbers by hand
-    profile = {"source": "benchmarks/fit_cpu_cost.py", "kv_tokens": POOL, "kv_dtype": "bf16", "fit": fit}
+    profile = {"source": SOURCE, "kv_tokens": POOL, "kv_dtype": "bf16", "fit": fit}
     (FITTED / "cpu-bench.json").write_text(json.dumps(profile, indent=1))
     lines = [
         "# cpu_cost_fit\n", __doc__.strip(), "",
@@ -170,18 +187,12 @@ def main() -> None:
         *(f"| 0 | {int(x)} | {y:.4f} | {fitted.prefill_s(int(x), 0, 1):.4f} |" for x, y in prefill),
         *(f"| {int(c)} | {CACHED_NEW} | {y:.4f} | {fitted.prefill_s(CACHED_NEW, int(c), 1):.4f} |" for c, y in cached),
         "", "| batch | decode step s (measured) | fitted |", "|---|---|---|",
-        *(f"| {int(x)} | {y:.4f} | {da + db * x + dc * x * 80:.4f} |" for x, y in decode),
+        *(f"| {int(x)} | {y:.4f} | {fitted.decode_s(int(x), int(x) * DECODE_CONTEXT):.4f} |" for x, y in decode),
     ]  # fmt: skip
     (work / "cpu_cost_fit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    costs = {
-        MODEL_NAME[w]: LinearCost(
-            prefill_fixed_s=f[0], prefill_token_s=f[1], attn_token_ctx_s=f[2], attn_whole_sequence=w
-        )
-        for w, f in fits.items()
-    }
-    plot(prefill, cached, decode, costs, (da, db, dc), work / "cpu_cost_fit.png")
+    plot(prefill, cached, decode, costs, work / "cpu_cost_fit.png")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from benchmarks import sim_experiments as sx
-from benchmarks.common import add_trace_arg, pyplot, trace_path
+from benchmarks.common import add_trace_arg, geo_mean, pyplot, trace_path
 from sglang_kvmul.core.rules import DEFAULT_RULE
 from sglang_kvmul.sim.cost import PROFILES
 
@@ -185,7 +185,7 @@ def rule_stats(rows: list[dict], rule: str) -> dict | None:
     worst = {m: max(rs, key=lambda x, m=m: x[2][m]) for m in GATES}
     return {
         "rule": rule, "met": sum(meets(r) for _, _, r in rs), "points": len(rs),
-        "geo": {m: float(np.exp(np.mean(np.log([r[m] for _, _, r in rs])))) for m in GATES},
+        "geo": {m: geo_mean([r[m] for _, _, r in rs]) for m in GATES},
         "worst": {m: w[2][m] for m, w in worst.items()}, "worst_case": {m: w[0] for m, w in worst.items()},
     }  # fmt: skip
 

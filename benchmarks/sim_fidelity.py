@@ -30,7 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.common import RESULTS, pyplot, write_results
+from benchmarks.common import RESULTS, geo_mean, pyplot, write_results
+from benchmarks.fit_cpu_cost import DECODE_CONTEXT  # cpu_contention decodes the same requests
 from benchmarks.policy_comparison import GATEWAY, WORKLOADS, pool
 from sglang_kvmul.sim.cost import PROFILES, CostModel, ScaledCost, SharedCores
 from sglang_kvmul.sim.engine import SimConfig, Simulation
@@ -43,7 +44,6 @@ SIM_RULE = {GATEWAY: "sglang_cache_aware", "total_requests": "load_only"}
 MODES = ("as fitted", "this machine", "shared cores")
 SIM_HEADS = " | ".join(f"simulated, {m}" for m in MODES) + " |"
 CONTENTION = RESULTS / "cpu_contention.json"
-DECODE_CONTEXT = 64 + 16  # cpu_contention's decode requests: 64-token prompts, 33 outputs (mean context)
 
 
 def this_machine() -> tuple[CostModel, SharedCores, dict]:
@@ -54,12 +54,10 @@ def this_machine() -> tuple[CostModel, SharedCores, dict]:
     base = PROFILES["cpu-bench"].cost
     prefill = [rows[f"prefill {n} tokens"] for n in lens]
     decode = rows[f"decode batch {b}"]
-    prefill_x = float(
-        np.exp(np.mean([np.log(r["alone_s"] / base.prefill_s(n, 0, 1)) for n, r in zip(lens, prefill, strict=True)]))
-    )
+    prefill_x = geo_mean([r["alone_s"] / base.prefill_s(n, 0, 1) for n, r in zip(lens, prefill, strict=True)])
     decode_x = decode["alone_s"] / base.decode_s(b, b * DECODE_CONTEXT)
     cores = SharedCores(
-        prefill_with_prefill=float(np.exp(np.mean([np.log(r["ratio"]) for r in prefill]))),
+        prefill_with_prefill=geo_mean([r["ratio"] for r in prefill]),
         prefill_with_decode=rows[f"prefill {max(lens)} tokens, rank 1 decoding"]["ratio"],
         decode_with_decode=decode["ratio"],
         decode_with_prefill=rows[f"decode batch {b}, rank 1 prefilling"]["ratio"],

@@ -69,3 +69,23 @@ def test_cost_profiles_carry_their_pool_and_the_cpu_fit_comes_from_its_json():
         and cost.attn_whole_sequence is fit["prefill"]["attn_whole_sequence"]
     )
     assert PROFILES["cpu-bench"].measured and not PROFILES["h100-qwen2.5-7b"].measured
+
+
+def test_the_saved_cpu_samples_refit_to_the_saved_profile():
+    """`fit_cpu_cost`'s fit is a pure function of its samples: the committed samples give the
+    committed `cpu-bench` profile, attention model included (no hand-copied numbers)."""
+    import json
+
+    from benchmarks.common import RESULTS
+    from benchmarks.fit_cpu_cost import MODEL_NAME, fit_samples
+
+    report = json.loads((RESULTS / "sim" / "cpu_cost_fit.json").read_text())
+    fit, costs, errors = fit_samples(
+        report["prefill_samples"], report["cached_prefill_samples"], report["decode_samples"]
+    )
+    saved = json.loads((FITTED / "cpu-bench.json").read_text())["fit"]
+    for part, terms in saved.items():
+        for k, v in terms.items():
+            assert fit[part][k] == v if isinstance(v, bool) else abs(fit[part][k] - v) <= 1e-12 * abs(v), (part, k)
+    whole = saved["prefill"]["attn_whole_sequence"]
+    assert errors[whole] < errors[not whole] and costs[MODEL_NAME[whole]] == PROFILES["cpu-bench"].cost
