@@ -2,6 +2,7 @@
 definitions."""
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -73,3 +74,45 @@ def test_a_garbled_moment_list_is_ignored_not_pooled():
     for bad in ([float("nan")] * 6, [1.0, -2.0, 3.0, 4.0, 5.0, 6.0], [1.0, 2.0]):
         load.on_snapshot(LoadSnapshotView(load.snap_time + 1, 1, 0, 0, 0, decode_moments=bad))
         assert load.decode_moments == tuple(good)  # the last good figures stay
+
+
+def test_rank_slowdown_counts_a_rank_slow_only_where_decode_and_prefill_agree():
+    """Rank 1 runs every batch size and every prefill token twice as slowly as ranks 0 and 2: its
+    slowdown, scaled to mean 1, is twice theirs. Equal ranks with different batch mixes measure alike
+    (the pooled line predicts each one's own batches) and the slowdown stays empty: a rule that reads
+    it decides as if it did not exist. A rank slow at decode alone (long contexts, say) or at prefill
+    alone (short suffixes) is not slow: the two measures must agree."""
+    k = MIN_DECODE_STEPS_FOR_SLOPE
+
+    def step(b, pace=1.0):
+        return (b, pace * (1000.0 + 100.0 * b))
+
+    def feed(pc, decode_paces, prefill_paces, mixes):
+        for r, (dp, pp, mix) in enumerate(zip(decode_paces, prefill_paces, mixes, strict=True)):
+            pts = [step(b, dp) for b in mix] * (k // len(mix))
+            pc.update(r, _moments(pts), busy_us=int(pp * 10**6), tokens=MIN_TOKENS_FOR_SPEED, decoders=k)
+
+    same = ([2, 4], [2, 4], [2, 4])
+    equal = PooledDecodeCost(3)
+    feed(equal, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), ([2, 4], [8, 16], [1, 32]))
+    assert equal.slope_us == pytest.approx(100.0) and equal.rank_slowdown == []
+    slow = PooledDecodeCost(3)
+    feed(slow, (1.0, 2.0, 1.0), (1.0, 2.0, 1.0), same)
+    s = slow.rank_slowdown
+    assert len(s) == 3 and sum(s) == pytest.approx(3.0)
+    assert s[1] == pytest.approx(2 * s[0]) and s[0] == pytest.approx(s[2])
+    # the smaller of the two says how slow: decode 3x, prefill 2x -> 2x
+    mixed = PooledDecodeCost(3)
+    feed(mixed, (1.0, 3.0, 1.0), (1.0, 2.0, 1.0), same)
+    assert mixed.rank_slowdown[1] == pytest.approx(2 * mixed.rank_slowdown[0], rel=0.05)
+    for decode, prefill in (((1.0, 2.0, 1.0), (1.0, 1.0, 1.0)), ((1.0, 1.0, 1.0), (1.0, 2.0, 1.0)),
+                            ((1.0, 2.0, 1.0), (2.0, 1.0, 2.0))):  # fmt: skip
+        one_sided = PooledDecodeCost(3)
+        feed(one_sided, decode, prefill, same)
+        assert one_sided.rank_slowdown == []
+    # a rank without enough decode steps of its own is neither slow nor fast: between the two
+    partial = PooledDecodeCost(3)
+    feed(partial, (1.0, 2.0, 1.0), (1.0, 2.0, 1.0), same)
+    partial.update(2, _moments([step(3)] * 4), busy_us=10**6, tokens=MIN_TOKENS_FOR_SPEED, decoders=4)
+    p = partial.rank_slowdown
+    assert p[0] < p[2] < p[1] and p[1] > 1.7 * p[0] and sum(p) == pytest.approx(3.0)

@@ -233,3 +233,23 @@ def test_round_robin_rule_takes_turns_through_the_router():
 
 def test_total_tokens_picks_the_fewest_kv_tokens_blind_to_cache():
     assert pick("total_tokens", view(cached=(900, 0), kv=(5000, 4000))) == 1
+
+
+def test_marginal_timed_counts_each_ranks_terms_in_its_own_time():
+    """A cold 4000-token prompt: rank 0 idle with 2 requests running, rank 1 with 1000 tokens
+    queued and 1 request. In tokens rank 1 is cheaper (1000 + 4000 * 2 < 4000 * 3); at twice rank
+    0's pace it is not (2 x 9000 > 12000). Without a measured spread it is marginal_chunked."""
+    v = dataclasses.replace(view(cached=(0, 0), queued=(0, 1000), running=(2, 1), prompt=4000), chunk_tokens=8192)
+    assert pick("marginal_chunked", v) == pick("marginal_timed", v) == 1
+    slow = dataclasses.replace(v, rank_slowdown=(2 / 3, 4 / 3))
+    rule = rule_by_name("marginal_timed")
+    assert rule.costs(slow) == pytest.approx([12000 * 2 / 3, 9000 * 4 / 3])
+    assert rule.choose(slow, 0).rank == 0 and dict(rule.trips) == {"timed": 1, "speed_spread": 1}
+    rule.choose(v, 0)
+    assert rule.trips["timed"] == 1  # ranks that measure alike: not counted, decided in tokens
+    # the bound is in time too: rank 1's own wait, 6000 queued + 4000 at 1.5 (15000), is past rank
+    # 0's, 4000 at 0.5, plus the slack (the prompt, 4000, and the mean queue, 3000): 9000
+    far = dataclasses.replace(view(cached=(0, 0), queued=(0, 6000), running=(40, 0), prompt=4000), chunk_tokens=8192)
+    assert pick("marginal_chunked", far) == pick("marginal_timed", far) == 1  # 10000 <= 4000 + 7000 in tokens
+    choice = rule_by_name("marginal_timed").choose(dataclasses.replace(far, rank_slowdown=(0.5, 1.5)), 0)
+    assert (choice.rank, choice.excluded) == (0, (1,))

@@ -184,3 +184,21 @@ def test_cpu_attention_prices_the_cached_prefix_as_new_and_batches_per_request()
         assert abs(attn_two - 2 * attn_one) < 1e-12
     extra = {cost: cost.prefill_s(64, 4000, 1) - cost.prefill_s(64, 0, 1) for cost in (gpu, cpu)}
     assert extra[cpu] > 30 * extra[gpu]  # (4064^2 - 64^2) / 2 against 64 * 4000
+
+
+def test_half_speed_ranks_measure_twice_as_slow_and_equal_ranks_not_at_all():
+    """`marginal_timed` over simulated ranks: two of four at half speed measure about twice as slow
+    as the others from what the router learns (decode steps and prefill tokens, as SGLang reports
+    them), and the rule decides in time; with four equal ranks the slowdown stays empty and no
+    decision is made in time."""
+    work = api(requests=800, system_prompts=16, system_len=600, question_len=120, output_len=40, rate=40.0, seed=2)
+    rank = RankConfig(page_size=16, kv_pages=4000, decode_reserve_tokens=16)
+    measured = {}
+    for speeds in ((1.0,) * 4, (1.0, 1.0, 0.5, 0.5)):
+        cfg = SimConfig(ranks=4, rank=rank, rule="marginal_timed")
+        sim = Simulation(cfg, speeds=list(speeds))
+        assert len(sim.run(work)) == 800
+        measured[speeds] = (list(sim.router.decode_cost.rank_slowdown), dict(sim.router.rule.trips))
+    assert measured[(1.0,) * 4] == ([], {})
+    slow, trips = measured[(1.0, 1.0, 0.5, 0.5)]
+    assert len(slow) == 4 and min(slow[2:]) > 1.8 * max(slow[:2]) and trips["timed"] > 0

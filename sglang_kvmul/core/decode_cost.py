@@ -9,13 +9,19 @@ joins. SGLang's load snapshots carry the least-squares sums of decode step time 
 past prefill. Together they give, with no weight, the prefill-token equivalent of one more
 request in a decode batch over one request's output. Pooled over ranks: one estimate from many
 steps, the same for every rank, so measurement noise between equal ranks does not move decisions.
+
+The same sums, rank by rank against the pooled fit, and each rank's prefill time per token tell a
+slow rank from the others (`rank_slowdown`). Each measure alone moves with the work a rank gets:
+identical simulated ranks measure prefill times per token up to 1.9x apart (short cached suffixes pay
+a step's fixed cost over few tokens) and decode times over the fit up to 1.21x apart (long contexts);
+a rank counts as slow only by as much as both say so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sglang_kvmul.core.tunables import MIN_DECODE_STEPS_FOR_SLOPE, MIN_TOKENS_FOR_SPEED
+from sglang_kvmul.core.tunables import MIN_DECODE_STEPS_FOR_SLOPE, MIN_TOKENS_FOR_SPEED, SPEED_SPREAD
 
 _EMPTY = (0.0,) * 5
 
@@ -45,6 +51,9 @@ class PooledDecodeCost:
         self.tokens_per_request = 0.0  # what one more request in a batch costs, in prefill tokens
         self.batch_mean = 0.0  # requests per decode step, all ranks
         self.output_tokens = 0.0  # how long one request's output lasts, in prefill tokens
+        # each rank's decode time over the pooled fit's for its batches, mean 1 (empty: not measured,
+        # or no two ranks more than SPEED_SPREAD apart; a new list on each change, never mutated)
+        self.rank_slowdown: list[float] = []
 
     def update(self, rank: int, moments: Sequence[float], busy_us: int, tokens: int, decoders: int) -> None:
         """One rank's cumulative figures as of its last snapshot. (SGLang's sums are of integers:
@@ -60,8 +69,10 @@ class PooledDecodeCost:
             # not measured (yet, or no longer): every figure says so, not an older estimate
             self.slope_us = self.prefill_us_per_token = self.steps_per_request = self.tokens_per_request = 0.0
             self.batch_mean = self.output_tokens = 0.0
+            self.rank_slowdown = []
             return
         self.slope_us = step_slope_us(*sums)
+        self.rank_slowdown = self._rank_slowdown(sums)
         self.prefill_us_per_token = busy / prefilled
         self.steps_per_request = sums[1] / decoders_all  # request-steps per request past prefill
         self.batch_mean = sums[1] / sums[0]
@@ -75,3 +86,46 @@ class PooledDecodeCost:
         # join, for the newcomer's whole output, doubles it: tried, it moved too many requests off
         # their prefixes; README, "Decode cost, measured".)
         self.tokens_per_request = self.slope_us * self.steps_per_request / self.prefill_us_per_token
+
+    def _rank_slowdown(self, sums: Sequence[float]) -> list[float]:
+        """Per rank, how much slower it runs than the others (mean 1), from both of its measures:
+        its decode time over the pooled least-squares line's prediction for the same batches, and its
+        prefill time per token, each over the ranks' mean. A rank counts as slow (fast) only by as
+        much as both say so: each measure alone is swayed by the work a rank happens to get (long
+        contexts slow decode steps, short cached suffixes raise the prefill time per token), and a
+        rank that is really slower is slower at both. Unmeasured ranks (MIN_DECODE_STEPS_FOR_SLOPE
+        steps, MIN_TOKENS_FOR_SPEED tokens) count as 1. Empty when the ranks are within SPEED_SPREAD
+        of each other: below that it is noise, and equal ranks keep exactly the decisions of a rule
+        without it. O(ranks), on a snapshot (a few per poll period per rank), never on a decision."""
+        n, sb, st = sums[0], sums[1], sums[2]
+        slope = self.slope_us
+        intercept = (st - slope * sb) / n
+        decode: list[float | None] = []
+        prefill: list[float | None] = []
+        for row in self._rows:
+            predicted = intercept * row[0] + slope * row[1]
+            decode.append(row[2] / predicted if row[0] >= MIN_DECODE_STEPS_FOR_SLOPE and predicted > 0 else None)
+            prefill.append(row[5] / row[6] if row[6] >= MIN_TOKENS_FOR_SPEED and row[5] > 0 else None)
+        return agreed_slowdown(_over_mean(decode), _over_mean(prefill))
+
+
+def _over_mean(xs: list[float | None]) -> list[float | None]:
+    measured = [x for x in xs if x is not None]
+    mean = sum(measured) / len(measured) if measured else 0.0
+    return [None if x is None or not mean else x / mean for x in xs]
+
+
+def agreed_slowdown(a: Sequence[float | None], b: Sequence[float | None]) -> list[float]:
+    """Per rank, the smaller of two relative slowdowns where both lie on the same side of 1 (else 1,
+    as for a rank either does not measure), scaled to mean 1; empty when the result spans no more
+    than SPEED_SPREAD."""
+    out = []
+    for x, y in zip(a, b, strict=True):
+        if x is None or y is None or (x - 1.0) * (y - 1.0) <= 0:
+            out.append(1.0)
+        else:
+            out.append(min(x, y) if x > 1.0 else max(x, y))
+    if max(out) <= SPEED_SPREAD * min(out):
+        return []
+    mean = sum(out) / len(out)
+    return [x / mean for x in out]

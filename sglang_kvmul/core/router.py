@@ -150,6 +150,7 @@ class KvmulRouter:
             view.decode_tokens_per_request = self.decode_cost.tokens_per_request
             view.decode_batch_mean = self.decode_cost.batch_mean
             view.decode_output_tokens = self.decode_cost.output_tokens
+            view.rank_slowdown = self.decode_cost.rank_slowdown
         c = self.rule.choose(view, self._rotation)
         rank, tie, excluded = c.rank, c.tie, c.excluded
         if self.down[rank]:  # the rule's own costs, among the ranks that are up (any rule, no special case)

@@ -34,6 +34,9 @@ class RankView:
     decode_tokens_per_request: float = 0.0
     decode_batch_mean: float = 0.0  # requests per decode step, pooled likewise (0.0 until measured)
     decode_output_tokens: float = 0.0  # how long one output lasts on the clock, in prefill tokens, likewise
+    # Each rank's measured slowness, mean 1, where its decode steps and its prefill tokens agree
+    # (`decode_cost`); empty when the ranks measure alike
+    rank_slowdown: Sequence[float] = ()
     # SGLang's chunked_prefill_size on each rank, the most prompt tokens one prefill step takes (0: unchunked)
     chunk_tokens: int = 0
 
