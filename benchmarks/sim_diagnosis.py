@@ -52,6 +52,7 @@ CANDIDATES = list(
     dict.fromkeys(
         [
             DEFAULT_RULE,
+            "marginal_timed",
             "marginal_turnover",
             "marginal_rebalance",
             "marginal_bounded",
