@@ -51,8 +51,8 @@ class PooledDecodeCost:
         self.tokens_per_request = 0.0  # what one more request in a batch costs, in prefill tokens
         self.batch_mean = 0.0  # requests per decode step, all ranks
         self.output_tokens = 0.0  # how long one request's output lasts, in prefill tokens
-        # each rank's decode time over the pooled fit's for its batches, mean 1 (empty: not measured,
-        # or no two ranks more than SPEED_SPREAD apart; a new list on each change, never mutated)
+        # how much slower each rank runs, mean 1, where its decode steps and prefill tokens agree
+        # (empty: not measured, or within SPEED_SPREAD; a new list on each change, never mutated)
         self.rank_slowdown: list[float] = []
 
     def update(self, rank: int, moments: Sequence[float], busy_us: int, tokens: int, decoders: int) -> None:

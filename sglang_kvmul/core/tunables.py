@@ -11,8 +11,8 @@ RECV_SLACK_S = 0.01
 MIN_TOKENS_FOR_SPEED = 16384
 # decode_cost: decode steps (pooled over ranks) before the step time's slope on batch size is used.
 MIN_DECODE_STEPS_FOR_SLOPE = 256
-# guard (prefill speeds) and decode_cost (decode speeds, read by marginal_timed): measured speeds
-# closer than this ratio are noise, not a speed spread (identical simulated ranks: decode up to 1.21x).
+# guard (prefill speeds) and decode_cost (decode and prefill speeds where they agree, read by
+# marginal_timed): measured speeds closer than this ratio are noise, not a speed spread.
 SPEED_SPREAD = 1.25
 # pending: an in-flight prompt not confirmed by events or the prefill counter by then is dropped;
 # at most this many per rank are credited (a burst beyond it is scored on the mirror alone).
