@@ -19,7 +19,7 @@ from benchmarks.common import pyplot, write_results
 
 SETS = ",".join([
     "sim_diagnosis", "sim_diagnosis_seeds", "sim_diagnosis_seeds_more", "sim_diagnosis_mixed",
-    "sim_diagnosis_mixed_seeds", "sim_diagnosis_costs",
+    "sim_diagnosis_mixed_seeds", "sim_diagnosis_costs", "sim_diagnosis_costs_x2", "sim_diagnosis_costs_x05",
 ])  # fmt: skip
 
 
