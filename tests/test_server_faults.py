@@ -65,5 +65,8 @@ def test_a_killed_rank_is_detected_and_no_request_hangs(doomed_server):
         health = requests.get(f"{doomed_server.url}{path}", timeout=30)
         assert health.status_code == 503, (path, health.text)
         assert health.json()["down_ranks"] == [1] and health.json()["live_ranks"] == [0], health.text
-        assert "scheduler pid" in health.json()["reasons"]["1"]
-    assert "kvmul: DP rank 1 is down (scheduler pid" in doomed_server.server.log_path.read_text()
+        reason = health.json()["reasons"]["1"]
+        # either watcher may see the death first: the scheduler process's exit, or its request
+        # socket closing (the dispatcher's monitor); the reason names which
+        assert reason.startswith("scheduler pid") or reason == "its scheduler closed its request socket", reason
+    assert f"kvmul: DP rank 1 is down ({reason}" in doomed_server.server.log_path.read_text()
