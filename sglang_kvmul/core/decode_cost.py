@@ -51,9 +51,8 @@ class PooledDecodeCost:
         self.tokens_per_request = 0.0  # what one more request in a batch costs, in prefill tokens
         self.batch_mean = 0.0  # requests per decode step, all ranks
         self.output_tokens = 0.0  # how long one request's output lasts, in prefill tokens
-        # how much slower each rank runs, mean 1, where its decode steps and prefill tokens agree
-        # (empty: not measured, or within SPEED_SPREAD; a new list on each change, never mutated)
-        self.rank_slowdown: list[float] = []
+        # how much slower each rank runs (`rank_slowdown`); None: to be recomputed when next read
+        self._slowdown: list[float] | None = []
 
     def update(self, rank: int, moments: Sequence[float], busy_us: int, tokens: int, decoders: int) -> None:
         """One rank's cumulative figures as of its last snapshot. (SGLang's sums are of integers:
@@ -69,10 +68,10 @@ class PooledDecodeCost:
             # not measured (yet, or no longer): every figure says so, not an older estimate
             self.slope_us = self.prefill_us_per_token = self.steps_per_request = self.tokens_per_request = 0.0
             self.batch_mean = self.output_tokens = 0.0
-            self.rank_slowdown = []
+            self._slowdown = []
             return
         self.slope_us = step_slope_us(*sums)
-        self.rank_slowdown = self._rank_slowdown(sums)
+        self._slowdown = None  # O(ranks): computed when a rule reads it, not on every snapshot
         self.prefill_us_per_token = busy / prefilled
         self.steps_per_request = sums[1] / decoders_all  # request-steps per request past prefill
         self.batch_mean = sums[1] / sums[0]
@@ -87,6 +86,15 @@ class PooledDecodeCost:
         # their prefixes; README, "Decode cost, measured".)
         self.tokens_per_request = self.slope_us * self.steps_per_request / self.prefill_us_per_token
 
+    @property
+    def rank_slowdown(self) -> list[float]:
+        """How much slower each rank runs, mean 1, where its decode steps and prefill tokens agree
+        (empty: not measured, or within SPEED_SPREAD; a new list on each change, never mutated).
+        Computed on the first read after a snapshot changed it, so a snapshot stays O(1)."""
+        if self._slowdown is None:
+            self._slowdown = self._rank_slowdown(self._totals[:5])
+        return self._slowdown
+
     def _rank_slowdown(self, sums: Sequence[float]) -> list[float]:
         """Per rank, how much slower it runs than the others (mean 1), from both of its measures:
         its decode time over the pooled least-squares line's prediction for the same batches, and its
@@ -96,7 +104,7 @@ class PooledDecodeCost:
         rank that is really slower is slower at both. Unmeasured ranks (MIN_DECODE_STEPS_FOR_SLOPE
         steps, MIN_TOKENS_FOR_SPEED tokens) count as 1. Empty when the ranks are within SPEED_SPREAD
         of each other: below that it is noise, and equal ranks keep exactly the decisions of a rule
-        without it. O(ranks), on a snapshot (a few per poll period per rank), never on a decision."""
+        without it. O(ranks), once per changed snapshot."""
         n, sb, st = sums[0], sums[1], sums[2]
         slope = self.slope_us
         intercept = (st - slope * sb) / n
