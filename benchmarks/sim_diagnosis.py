@@ -65,15 +65,17 @@ CANDIDATES = list(
     )
 )
 COMPONENTS = [
-    ("ttft_mean_ms", "TTFT"), ("ttft_queue_ms", "queue"), ("ttft_kv_wait_ms", "KV wait"),
-    ("ttft_prefill_ms", "prefill"), ("tpot_mean_ms", "TPOT"), ("tpot_stall_ms", "stall"),
+    ("ttft_mean_ms", "TTFT"), ("ttft_queue_ms", "queue"), ("ttft_behind_kv_ms", "of it behind KV wait"),
+    ("ttft_kv_wait_ms", "KV wait"), ("ttft_prefill_ms", "prefill"), ("tpot_mean_ms", "TPOT"),
+    ("tpot_stall_ms", "stall"),
     ("hit_ratio", "hit"), ("affinity_lost_tokens", "affinity lost tok"), ("evicted_tokens", "evicted tok"),
     ("decode_batch_mean", "decode batch"),
 ]  # fmt: skip
 # the slowest 1% of requests, split the same way (rows of runs before these were recorded have none)
 TAIL = [
-    ("ttft_p99_ms", "P99 TTFT"), ("tail_queue_ms", "queue"), ("tail_kv_wait_ms", "KV wait"),
-    ("tail_prefill_ms", "prefill"), ("tail_prompt_tokens", "prompt tok"), ("tail_uncached_tokens", "uncached tok"),
+    ("ttft_p99_ms", "P99 TTFT"), ("tail_queue_ms", "queue"), ("tail_behind_kv_ms", "of it behind KV wait"),
+    ("tail_kv_wait_ms", "KV wait"), ("tail_prefill_ms", "prefill"), ("tail_prompt_tokens", "prompt tok"),
+    ("tail_uncached_tokens", "uncached tok"),
 ]  # fmt: skip
 
 
@@ -116,7 +118,9 @@ def tail(sub: list[dict]) -> list[str]:
     if not sub:
         return []
     head = ["| slowest 1%: rule | " + " | ".join(n for _, n in TAIL) + " |", "|---" * (len(TAIL) + 1) + "|"]
-    return head + [f"| {r['rule']} | " + " | ".join(f"{r[k]:.0f}" for k, _ in TAIL) + " |" for r in sub]
+    return head + [
+        f"| {r['rule']} | " + " | ".join("-" if k not in r else f"{r[k]:.0f}" for k, _ in TAIL) + " |" for r in sub
+    ]
 
 
 def versus(rows: list[dict], rule: str) -> list[str]:

@@ -112,12 +112,14 @@ def run(spec: dict) -> dict:
 
 def attribution(reqs: list) -> dict:
     """Where each request's time went (means, ms; tokens per request), for `sim_diagnosis`:
-    TTFT = queueing (behind other prefills) + KV wait (at the queue head, no room) + prefill (its
+    TTFT = queueing (behind other prefills; `behind_kv`: the part of it spent behind a queue head
+    that was waiting for KV pages) + KV wait (at the queue head, no room) + prefill (its
     own chunks, and whatever ran between them); TPOT = decoding + stall (decode time lost to
     prefill steps on its rank, per output token); prefill tokens a better-cached rank had
     (affinity) or that were evicted between routing and admission (eviction); and the same split
     of TTFT for the slowest 1% (`tail_*`: what P99 TTFT is made of)."""
     kv_wait = np.array([r.kv_wait for r in reqs])
+    behind_kv = np.array([r.kv_blocked for r in reqs]) - kv_wait  # queued behind a head that had no room
     admitted = np.array([r.admitted_at - r.arrival for r in reqs])
     prefill = np.array([r.first_token - r.admitted_at for r in reqs])
     outs = [r for r in reqs if r.output_len > 1]
@@ -129,12 +131,14 @@ def attribution(reqs: list) -> dict:
     return {
         "ttft_queue_ms": float((admitted - kv_wait).mean() * 1e3),
         "ttft_kv_wait_ms": float(kv_wait.mean() * 1e3),
+        "ttft_behind_kv_ms": float(behind_kv.mean() * 1e3),
         "ttft_prefill_ms": float(prefill.mean() * 1e3),
         "tpot_stall_ms": float(stall.mean() * 1e3) if len(outs) else 0.0,
         "affinity_lost_tokens": float(np.mean([r.best_cached - r.predicted_cached for r in reqs])),
         "evicted_tokens": float(np.mean([max(0, r.predicted_cached - r.cached) for r in reqs])),
         "tail_queue_ms": float((admitted - kv_wait)[tail].mean() * 1e3),
         "tail_kv_wait_ms": float(kv_wait[tail].mean() * 1e3),
+        "tail_behind_kv_ms": float(behind_kv[tail].mean() * 1e3),
         "tail_prefill_ms": float(prefill[tail].mean() * 1e3),
         "tail_prompt_tokens": float(prompt[tail].mean()),
         "tail_uncached_tokens": float(uncached[tail].mean()),

@@ -10,9 +10,12 @@ from benchmarks.sim_tally import nobody_meets
 from sglang_kvmul.sim.rank import SimRequest
 
 
-def _request(rid: int, prompt: int, queue: float, kv_wait: float, prefill: float, cached: int = 0) -> SimRequest:
+def _request(
+    rid: int, prompt: int, queue: float, kv_wait: float, prefill: float, cached: int = 0, behind_kv: float = 0.0
+) -> SimRequest:
     req = SimRequest(rid, arrival=10.0, tokens=tuple(range(prompt)), output_len=2, cached=cached)
     req.kv_wait = kv_wait
+    req.kv_blocked = kv_wait + behind_kv  # part of its queueing was behind a head waiting for pages
     req.admitted_at = req.arrival + queue + kv_wait
     req.first_token = req.admitted_at + prefill
     return req
@@ -22,9 +25,10 @@ def test_the_slowest_percent_is_split_into_its_own_causes():
     # 198 fast requests and 2 slow ones (the top 1%): a long cold prompt that queued, and one that
     # waited for KV pages; the tail's split must be theirs alone and add up to their TTFT
     reqs = [_request(i, 100, 0.01, 0.0, 0.02, cached=50) for i in range(198)]
-    reqs += [_request(198, 90_000, 8.0, 0.0, 3.0), _request(199, 50_000, 1.0, 2.0, 1.5, cached=10_000)]
+    reqs += [_request(198, 90_000, 8.0, 0.0, 3.0, behind_kv=3.0), _request(199, 50_000, 1.0, 2.0, 1.5, cached=10_000)]
     a = attribution(reqs)
     assert a["tail_queue_ms"] == 4500.0 and a["tail_kv_wait_ms"] == 1000.0 and a["tail_prefill_ms"] == 2250.0
+    assert a["tail_behind_kv_ms"] == 1500.0 and a["ttft_behind_kv_ms"] == 15.0  # 3 s of 8 s queueing, one request
     assert (a["tail_prompt_tokens"], a["tail_uncached_tokens"]) == (70_000, 65_000)
     assert a["ttft_queue_ms"] < 60  # the means are still over everyone
 

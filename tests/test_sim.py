@@ -131,6 +131,25 @@ def test_kv_wait_is_the_time_a_request_waits_for_pages_at_the_queue_head():
     assert all(r.kv_wait == 0.0 for r in waits[400])
 
 
+def test_kv_blocked_counts_the_wait_behind_a_queue_head_with_no_room():
+    """Three long requests and room for one at a time: the third waits behind the second while the
+    second waits for pages, then waits for pages itself; its `kv_blocked` is both spans, which the
+    head-only `kv_wait` misses (the diagnosis's "behind KV wait" column)."""
+    rng = random.Random(9)
+    work = [TraceRequest(0.0, [rng.randrange(3, 5000) for _ in range(900)], 50, "") for _ in range(3)]
+    runs = {}
+    for pages in (80, 400):
+        rank = RankConfig(page_size=16, kv_pages=pages, chunk_tokens=4096, decode_reserve_tokens=64)
+        sim = Simulation(SimConfig(ranks=1, rank=rank, rule="round_robin"))
+        runs[pages] = sorted(sim.run(work), key=lambda r: r.rid)
+    first, second, third = runs[80]
+    assert first.kv_blocked == first.kv_wait == 0.0
+    assert second.kv_wait > 0 and abs(second.kv_blocked - second.kv_wait) < 1e-9
+    assert third.kv_wait > 0
+    assert abs(third.kv_blocked - (second.kv_wait + third.kv_wait)) < 1e-9, (third.kv_blocked, second.kv_wait)
+    assert all(r.kv_blocked == 0.0 for r in runs[400])
+
+
 def test_shared_cores_share_the_time_of_overlapping_steps():
     """Two ranks on shared cores, a step twice as slow while the other rank is busy (processor
     sharing): two equal prefills, the second starting halfway through the first. The first does half

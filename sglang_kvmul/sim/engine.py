@@ -133,7 +133,7 @@ class Simulation:
                 d = self.router.route(req.tokens, len(req.tokens) - 1, now)
                 req.rank, req.predicted_cached, req.best_cached = d.rank, d.predicted_cached, max(d.cached)
                 rank = self.ranks[d.rank]
-                rank.enqueue(req)
+                rank.enqueue(req, now)
                 end = rank.interrupt(now)
                 if end is not None:
                     self._push(end, "step", (rank, rank.version))

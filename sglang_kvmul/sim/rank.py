@@ -45,6 +45,9 @@ class SimRequest:
     admitted_at: float | None = None  # its first prefill chunk started
     kv_blocked_at: float | None = None  # it first failed admission for want of KV pages
     kv_wait: float = 0.0  # time at the queue head waiting for KV pages
+    # time in the queue while the rank's queue head (itself included) waited for KV pages: the whole
+    # queue waits behind a head that has no room, so this is what a full pool cost it in all
+    kv_blocked: float = 0.0
     stall: float = 0.0  # decode time lost to prefill steps while it was running
 
 
@@ -86,12 +89,21 @@ class SimRank:
         # running totals over the waiting queue: a snapshot must not walk a queue of thousands
         self.waiting_tokens = 0  # prompt tokens
         self.waiting_uncached = 0  # prompt tokens not cached and not prefilled yet
+        self.kv_blocked_s = 0.0  # closed spans of time the queue head has waited for KV pages
 
-    def enqueue(self, req: SimRequest) -> None:
+    def enqueue(self, req: SimRequest, now: float = 0.0) -> None:
         """A routed request joins the back of the waiting queue."""
+        req.kv_blocked = -self._blocked_until(now)  # completed at admission: the span's share
         self.waiting.append(req)
         self.waiting_tokens += len(req.tokens)
         self.waiting_uncached += len(req.tokens) - req.cached - req.prefilled
+
+    def _blocked_until(self, now: float) -> float:
+        """How long, in all up to `now`, the queue head has waited for KV pages (the spans are
+        disjoint: one head at a time), so a request's share is a difference of two reads, O(1)."""
+        head = self.waiting[0] if self.waiting else None
+        open_span = now - head.kv_blocked_at if head and not head.admitted and head.kv_blocked_at is not None else 0.0
+        return self.kv_blocked_s + open_span
 
     # ---- admission --------------------------------------------------------------------------
     def _limit(self, req: SimRequest) -> int:
@@ -115,6 +127,8 @@ class SimRank:
                 return False
         if req.kv_blocked_at is not None:
             req.kv_wait += now - req.kv_blocked_at
+            self.kv_blocked_s += now - req.kv_blocked_at
+        req.kv_blocked += self.kv_blocked_s
         self.cache.ref(path)
         req.path, req.admitted, req.admitted_at = path, True, now
         req.cached = len(path) * self.cfg.page_size
