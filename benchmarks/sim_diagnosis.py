@@ -52,6 +52,7 @@ CANDIDATES = list(
     dict.fromkeys(
         [
             DEFAULT_RULE,
+            "marginal_room",
             "marginal_timed",
             "marginal_turnover",
             "marginal_rebalance",
