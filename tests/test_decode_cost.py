@@ -50,7 +50,7 @@ def test_simulated_rank_reports_its_decode_steps_as_sglang_does():
     cost = LinearCost()
     rank = SimRank(0, RankConfig(page_size=1, kv_pages=10_000), cost)
     for rid in range(3):
-        rank.enqueue(SimRequest(rid, 0.0, tuple(range(rid * 100, rid * 100 + 50)), output_len=5))
+        rank.enqueue(SimRequest(rid, 0.0, tuple(range(rid * 100, rid * 100 + 50)), output_len=5), 0.0)
     now, steps = 0.0, []
     while (end := rank.start_step(now)) is not None:
         if rank.decoding:

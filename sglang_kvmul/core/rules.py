@@ -374,8 +374,22 @@ class MarginalRoom(MarginalChunked):
 
     name = "marginal_room"
 
+    def __init__(self) -> None:
+        super().__init__()
+        # the last view's waits: a decision reads them twice (its costs, and its own wait in the bound)
+        self._memo: tuple[RankView | None, list[float] | None] = (None, None)
+
     def room_wait(self, view: RankView) -> list[float] | None:
-        """Each rank's expected wait for KV pages, in prefill tokens (None: no rank is short of room)."""
+        """Each rank's expected wait for KV pages, in prefill tokens (None: no rank is short of room).
+        The prompt counts whole, as SGLang counts a waiting request (its cached prefix is locked at
+        admission too); `guard.saturated`'s cruder no-room test subtracts it."""
+        if self._memo[0] is view:
+            return self._memo[1]
+        wait = self._room_wait(view)
+        self._memo = (view, wait)
+        return wait
+
+    def _room_wait(self, view: RankView) -> list[float] | None:
         horizon, caps = view.decode_output_tokens, view.max_kv_tokens
         if not horizon or not caps:
             return None

@@ -91,7 +91,7 @@ class SimRank:
         self.waiting_uncached = 0  # prompt tokens not cached and not prefilled yet
         self.kv_blocked_s = 0.0  # closed spans of time the queue head has waited for KV pages
 
-    def enqueue(self, req: SimRequest, now: float = 0.0) -> None:
+    def enqueue(self, req: SimRequest, now: float) -> None:
         """A routed request joins the back of the waiting queue."""
         req.kv_blocked = -self._blocked_until(now)  # completed at admission: the span's share
         self.waiting.append(req)
