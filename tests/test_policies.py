@@ -256,20 +256,25 @@ def test_marginal_timed_counts_each_ranks_terms_in_its_own_time():
 
 
 def test_marginal_room_adds_the_expected_wait_for_kv_pages_where_the_pool_is_short():
-    """A 10000-token prompt cached to 9000 on rank 0, whose 100k pool is full (rank 1's is half
+    """A 10000-token prompt cached to 4000 on rank 0, whose 100k pool is full (rank 1's is half
     used): 10000 tokens over, a tenth of what it holds, so it waits a tenth of one output's duration
-    L for running requests to free them. Short outputs: that wait is less than re-prefilling 9000
-    tokens under 10 requests elsewhere, so it stays; long ones: it moves, and the wait is past its
-    bound too. With room on rank 0, or on no rank, it is marginal_chunked exactly."""
-    base = view(cached=(9000, 0), running=(10, 10), kv=(100_000, 50_000), prompt=10_000, max_kv=(100_000, 100_000))
+    L for running requests to free them. Short outputs: that wait is less than re-prefilling the
+    other 4000 tokens under 10 requests elsewhere, so it stays; long ones: it moves, and the wait is
+    past its bound too. A session that holds a chunk or more of its prompt there (9000 of 10000,
+    chunk 8192) is not priced the wait and stays. With room on rank 0, or on no rank, it is
+    marginal_chunked exactly."""
+    base = view(cached=(4000, 0), running=(10, 10), kv=(100_000, 50_000), prompt=10_000, max_kv=(100_000, 100_000))
     short = dataclasses.replace(base, chunk_tokens=8192, decode_output_tokens=20_000.0)
     rule = rule_by_name("marginal_room")
-    assert rule.costs(short) == pytest.approx([1000 * 11 + 2000, 10_000 * 11])
+    assert rule.costs(short) == pytest.approx([6000 * 11 + 2000, 10_000 * 11])
     assert rule.choose(short, 0).rank == 0
     long = dataclasses.replace(short, decode_output_tokens=2_000_000.0)
-    assert rule.costs(long)[0] == pytest.approx(1000 * 11 + 200_000)
-    # own wait on rank 0: 1000 + 200000, past rank 1's 10000 plus the slack (min(10000, 8192 + 9000))
+    assert rule.costs(long)[0] == pytest.approx(6000 * 11 + 200_000)
+    # own wait on rank 0: 6000 + 200000, past rank 1's 10000 plus the slack (min(10000, 8192 + 4000))
     assert (rule.choose(long, 0).rank, rule.choose(long, 0).excluded) == (1, (0,))
+    session = dataclasses.replace(long, cached=[9000, 0])
+    assert rule.costs(session) == rule_by_name("marginal_chunked").costs(session)
+    assert (rule.choose(session, 0).rank, rule.choose(session, 0).excluded) == (0, ())
     room = dataclasses.replace(long, kv_tokens=[80_000, 50_000])
     assert rule.costs(room) == rule_by_name("marginal_chunked").costs(room)
     assert pick("marginal_room", room) == pick("marginal_chunked", room) == 0

@@ -356,21 +356,25 @@ class MarginalRoom(MarginalChunked):
     behind it waits too. Outputs end spread over one output's duration L (measured, in prefill
     tokens: `decode_output_tokens`), so the held KV drains at about held / L: the wait is
     L x excess / held, less the queue ahead (the pages free up while it drains). It is added to the
-    rank's cost and to the request's own wait in the bound. When every rank is short the pools, not
-    the routing, are what the cluster waits for, and every decision is `marginal_chunked`'s (also
-    before L is measured). No weight: the pool, the tokens held and L are SGLang's own figures.
+    rank's cost and to the request's own wait in the bound, except on a rank where the request
+    holds one prefill chunk or more of its prompt: there it decides as the default. When every rank
+    is short the pools, not the routing, are what the cluster waits for, and every decision is
+    `marginal_chunked`'s (also before L is measured). No weight: the pool, the tokens held, L and
+    the chunk are SGLang's own figures.
 
     What it addresses: Mooncake on Qwen3-30B-A3B pools with the roofline's efficiency doubled
-    (the one MoE Mooncake point at moderate load; simulated, 16 ranks, `sim_diagnosis_costs_x2.md`):
-    the default's mean TTFT was 1,496 ms against Dynamo's 486, and 790 ms of it was the full pool
-    (207 ms at the head, 583 queued behind a head waiting for pages; Dynamo's rule, which adds the
-    KV held to its cost, 169 ms). This rule: 416 ms, TPOT 1.03x, P99 0.92x of the best baseline's,
-    the only rule within the bar there. Not the default: under overload the estimate fires where
-    the ranks with room are only momentarily so and sessions leave their long cached contexts
-    (agentic MoE mean TTFT 1.02x -> 1.28x, the 12x sweep 0.98x -> 1.14x, KV pressure with mixed
-    chunks on all three seeds P99 up to 1.27x): moved sessions re-prefill long contexts on the
-    ranks with room and evict the prefixes held there. 39 of the 68 simulated points against the
-    default's 43 (README, "The default rule")."""
+    (simulated, 16 ranks, `sim_diagnosis_costs_x2.md`): the default's mean TTFT was 1,496 ms against
+    Dynamo's 486, 790 ms of it a full pool (207 ms at the head, 583 queued behind it). This rule:
+    405 ms, P99 0.90x of the best baseline's, but TPOT 1.06x (25.1 ms against alpha 0.9's 23.8).
+    Why the exemption: pricing the wait on a session's own cached rank pushed sessions off long
+    contexts, which they re-prefilled elsewhere, evicting the prefixes held there (KV pressure with
+    the efficiency doubled 2,450 -> 3,770 ms; agentic MoE 4,960 -> 6,230). Where it held a long
+    prefix the estimate was also too long: requests that stayed on such a short rank waited 0.16 s
+    for admission against 0.70 s estimated (KV pressure at x2; at Mooncake MoE x2 0.57 against
+    0.72 s; scratch measurements). Exempt: 2,380 and 5,070 ms. 42 of the 68 simulated points
+    against the default's 43 (it loses the 12x sweep, mean TTFT 0.98x -> 1.10x); worst mean TTFT
+    over them 1.16x of the best baseline's against the default's 3.08x (README, "The default
+    rule"). Unchunked (chunk 0) nothing is exempt."""
 
     name = "marginal_room"
 
@@ -393,16 +397,17 @@ class MarginalRoom(MarginalChunked):
         horizon, caps = view.decode_output_tokens, view.max_kv_tokens
         if not horizon or not caps:
             return None
-        n = view.prompt_len
+        n, chunk = view.prompt_len, view.chunk_tokens
         out, short, room = [], False, False
-        for kv, cap, q in zip(view.kv_tokens, caps, view.queued, strict=True):
+        for kv, cap, q, c in zip(view.kv_tokens, caps, view.queued, view.cached, strict=True):
             excess = kv + n - cap
             if cap and excess > 0:
                 held = min(kv, cap)
                 # the pages free up while the queue ahead drains: only the wait past it is extra
                 w = (horizon * excess / held if held else horizon) - q
-                out.append(max(0.0, w))
                 short = short or w > 0
+                # where the request holds a chunk or more, staying is not priced the wait (docstring)
+                out.append(0.0 if chunk and c >= chunk else max(0.0, w))
             else:
                 out.append(0.0)
                 room = True
