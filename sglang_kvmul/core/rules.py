@@ -398,21 +398,21 @@ class MarginalRoom(MarginalChunked):
         if not horizon or not caps:
             return None
         n, chunk = view.prompt_len, view.chunk_tokens
-        out, short, room = [], False, False
+        out, room = [], False
         for kv, cap, q, c in zip(view.kv_tokens, caps, view.queued, view.cached, strict=True):
             excess = kv + n - cap
             if cap and excess > 0:
                 held = min(kv, cap)
                 # the pages free up while the queue ahead drains: only the wait past it is extra
                 w = (horizon * excess / held if held else horizon) - q
-                short = short or w > 0
                 # where the request holds a chunk or more, staying is not priced the wait (docstring)
                 out.append(0.0 if chunk and c >= chunk else max(0.0, w))
             else:
                 out.append(0.0)
                 room = True
         # every rank short: the pools, not the routing, are what the cluster waits for; the queues decide
-        return out if short and room else None
+        # (no wait priced anywhere, the exempt ranks' included: nothing to add either)
+        return out if room and any(out) else None
 
     def costs(self, view: RankView) -> list[float]:
         costs = super().costs(view)
