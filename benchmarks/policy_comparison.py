@@ -51,10 +51,12 @@ from sglang_kvmul.sim import workloads
 TRACE = DEFAULT_TRACE  # main() sets the --trace argument
 OWN_FLAGS = ("render", "append")  # how this invocation ran, not what it measured
 FEATURED = DEFAULT_RULE  # the verdict is about the default rule
-RULES = tuple(  # marginal_turnover, marginal_rebalance and marginal_bounded: the defaults before marginal_chunked
+RULES = tuple(  # the default; marginal_chunked, marginal_turnover, ... marginal_bounded: earlier defaults
     dict.fromkeys(
         (
             FEATURED,
+            "marginal_chunked",
+            "marginal_timed",
             "marginal_turnover",
             "marginal_rebalance",
             "marginal_bounded",

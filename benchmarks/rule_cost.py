@@ -3,7 +3,8 @@ default and the rules it builds on, interleaved in one process so that each term
 ratio measured side by side (this machine is shared and noisy).
 
 Every rank busy and reported: capacities, a measured decode cost, mean batch and output duration,
-and a prefill chunk shorter than the prompt, so the default's decode, turnover and chunk terms run.
+a prefill chunk shorter than the prompt, and some ranks' pools short of room for the prompt (about
+one in six), so the default's decode, turnover, chunk and room terms all run.
 A fresh view per call, as the router builds one per request. Medians over `--repeats` rounds of
 `--calls` decisions, rule order alternating per round.
 Results: benchmarks/results/rule_cost.{json,md,png}.
@@ -23,7 +24,11 @@ from benchmarks.common import RESULTS, pyplot, write_results
 from sglang_kvmul.core.rules import DEFAULT_RULE, rule_by_name
 from sglang_kvmul.core.view import RankView
 
-RULES = list(dict.fromkeys([DEFAULT_RULE, "marginal_turnover", "marginal_rebalance", "marginal_bounded", "kvmul"]))
+RULES = list(
+    dict.fromkeys(
+        [DEFAULT_RULE, "marginal_chunked", "marginal_turnover", "marginal_rebalance", "marginal_bounded", "kvmul"]
+    )
+)
 
 
 def busy_view(n: int, prompt: int, rng: random.Random) -> RankView:
@@ -34,7 +39,7 @@ def busy_view(n: int, prompt: int, rng: random.Random) -> RankView:
         queued=[rng.randrange(0, 200_000) for _ in range(n)],
         running=[rng.randrange(1, 60) for _ in range(n)],
         waiting=[rng.randrange(0, 5) for _ in range(n)],
-        kv_tokens=[rng.randrange(0, 1_000_000) for _ in range(n)],
+        kv_tokens=[rng.randrange(0, 2_400_000) for _ in range(n)],  # above 1,967,232: short of room
         page_size=16,
         max_running=[64] * n,
         max_kv_tokens=[2_000_000] * n,

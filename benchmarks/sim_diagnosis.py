@@ -53,6 +53,7 @@ CANDIDATES = list(
         [
             DEFAULT_RULE,
             "marginal_room",
+            "marginal_chunked",
             "marginal_timed",
             "marginal_turnover",
             "marginal_rebalance",

@@ -2,11 +2,16 @@
 requests spent their time, and which rules meet the issue's bar at all. Hand-made requests and rows,
 so a wrong split or a wrong verdict shows here and not as a plausible table."""
 
+import numpy as np
+
 from benchmarks import sim_diagnosis as sd
 from benchmarks import sim_frontier as frontier
+from benchmarks import sim_room_estimate as room_estimate
 from benchmarks.policy_comparison import against_product
 from benchmarks.sim_experiments import attribution
 from benchmarks.sim_tally import nobody_meets
+from sglang_kvmul.core.decode_cost import PooledDecodeCost
+from sglang_kvmul.core.rules import Choice, RankView
 from sglang_kvmul.sim.rank import SimRequest
 
 
@@ -82,3 +87,44 @@ def test_real_decisions_are_set_against_the_products_pick_on_the_same_view():
     assert (a["uncached"], a["uncached_product"]) == (100 + 500, 1000 + 500)
     assert (a["queued"], a["queued_product"]) == (4000 + 0, 0 + 0)
     assert (a["batch"], a["batch_product"]) == (3 + 0, 1 + 0)
+
+
+class _Pick:
+    """A rule that takes a given rank: the observer must classify the rank chosen, whatever chose it."""
+
+    name, reads_capacity = "pick", False
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def choose(self, view: RankView, rotation: int) -> Choice:
+        return Choice(self.rank, False, [0.0] * len(view.cached))
+
+
+def test_the_room_estimate_is_noted_for_the_rank_chosen_and_grouped_as_the_rule_treats_it():
+    speed = PooledDecodeCost(3)
+    speed.prefill_us_per_token = 100.0  # 10,000 tokens a second
+    # rank 0 full, the request holding a chunk there; rank 1 full, little cached; rank 2 has room
+    view = RankView(prompt_len=9_000, cached=[8_192, 16, 0], queued=[0, 500, 0], running=[4, 4, 1],
+                    waiting=[0, 0, 0], kv_tokens=[20_000, 20_000, 1_000], page_size=16, max_kv_tokens=[24_000] * 3,
+                    decode_output_tokens=4_000.0, chunk_tokens=8_192)  # fmt: skip
+    seen = []
+    for rank in (0, 1, 2):
+        obs = room_estimate._Observer(_Pick(rank), speed)
+        assert obs.choose(view, 0).rank == rank  # the rule decides, the observer only notes
+        seen += obs.seen
+    # excess 5,000 of 20,000 held over a 4,000-token output: 1,000 tokens (0.1 s); rank 1 less its queue
+    assert [(s.group, round(s.estimate_s, 6)) for s in seen] == [("exempt", 0.1), ("priced", 0.05), ("room", 0.0)]
+    full = RankView(**{**view.__dict__, "kv_tokens": [20_000] * 3, "batch": ()})
+    obs = room_estimate._Observer(_Pick(2), speed)
+    obs.choose(full, 0)
+    assert obs.seen[0].group == "all_short"
+    speed.prefill_us_per_token = 0.0  # not measured yet: nothing to convert with, noted as such
+    obs.choose(view, 0)
+    assert obs.seen[1] is None
+
+
+def test_the_rank_correlation_averages_ties():
+    assert room_estimate.spearman(np.array([0.0, 0.0, 1.0, 2.0]), np.array([0.0, 0.0, 3.0, 5.0])) == 1.0
+    assert room_estimate.spearman(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])) == -1.0
+    assert room_estimate.spearman(np.array([1.0, 1.0, 1.0]), np.array([1.0, 2.0, 3.0])) is None

@@ -26,14 +26,15 @@ __all__ = [
     "RankView",
     "Rule",
     "RuleSpec",
+    "kv_room_wait",
     "rule_by_name",
     "rule_help",
 ]
 
 
 # The rule `--load-balance-method kvmul` routes with unless `--kvmul-policy` names another (issue #14:
-# `benchmarks/results/sim/sim_diagnosis.md`); the paper's product stays selectable as `kvmul`.
-DEFAULT_RULE = "marginal_chunked"
+# `benchmarks/results/sim/sim_tally.md`); the paper's product stays selectable as `kvmul`.
+DEFAULT_RULE = "marginal_room"
 
 
 class CostRule:
@@ -319,7 +320,7 @@ class MarginalTimed(MarginalChunked):
     the best baseline's). Not the default: neither measure tells a slow rank from one that holds
     long contexts (both rise with them), so on equal ranks under Mooncake load it opens too (the 16x
     sweep: 3,133 decisions, mean TTFT +13%), and over the 60 simulated points it meets the bar on
-    38, as the default does (README, "The default rule"). Each decision in time also runs the plain
+    38, as `marginal_chunked` does (README, "The default rule"). Each decision in time also runs the plain
     rule, to count in `trips` the decisions the speeds changed."""
 
     name = "marginal_timed"
@@ -357,24 +358,26 @@ class MarginalRoom(MarginalChunked):
     tokens: `decode_output_tokens`), so the held KV drains at about held / L: the wait is
     L x excess / held, less the queue ahead (the pages free up while it drains). It is added to the
     rank's cost and to the request's own wait in the bound, except on a rank where the request
-    holds one prefill chunk or more of its prompt: there it decides as the default. When every rank
+    holds one prefill chunk or more of its prompt: there it decides as `marginal_chunked`. When every rank
     is short the pools, not the routing, are what the cluster waits for, and every decision is
     `marginal_chunked`'s (also before L is measured). No weight: the pool, the tokens held, L and
     the chunk are SGLang's own figures.
 
     What it addresses: Mooncake on Qwen3-30B-A3B pools with the roofline's efficiency doubled
-    (simulated, 16 ranks, `sim_diagnosis_costs_x2.md`): the default's mean TTFT was 1,496 ms against
+    (simulated, 16 ranks, `sim_diagnosis_costs_x2.md`): `marginal_chunked`'s mean TTFT was 1,496 ms against
     Dynamo's 486, 790 ms of it a full pool (207 ms at the head, 583 queued behind it). This rule:
     405 ms, P99 0.90x of the best baseline's, but TPOT 1.06x (25.1 ms against alpha 0.9's 23.8).
     Why the exemption: pricing the wait on a session's own cached rank pushed sessions off long
     contexts, which they re-prefilled elsewhere, evicting the prefixes held there (KV pressure with
-    the efficiency doubled 2,450 -> 3,770 ms; agentic MoE 4,960 -> 6,230). Where it held a long
-    prefix the estimate was also too long: requests that stayed on such a short rank waited 0.16 s
-    for admission against 0.70 s estimated (KV pressure at x2; at Mooncake MoE x2 0.57 against
-    0.72 s; scratch measurements). Exempt: 2,380 and 5,070 ms. 42 of the 68 simulated points
-    against the default's 43 (it loses the 12x sweep, mean TTFT 0.98x -> 1.10x); worst mean TTFT
-    over them 1.16x of the best baseline's against the default's 3.08x (README, "The default
-    rule"). Unchunked (chunk 0) nothing is exempt."""
+    the efficiency doubled 2,450 -> 3,770 ms; agentic MoE 4,960 -> 6,230). There the estimate also
+    overstates the wait (`benchmarks/sim_room_estimate.py`, observed under `marginal_chunked`):
+    requests holding a chunk or more on a short rank waited 1.91 s on average against 2.97 s
+    estimated, most of them not at all (median 0.15 s against 1.35), while those holding less
+    waited 2.47 s against 2.95 (Mooncake MoE x2: 2.12 s against 1.85, rank correlation 0.58).
+    Exempt: 2,380 and 5,070 ms. 42 of the 68 simulated points against `marginal_chunked`'s 43 (it
+    loses the 12x sweep, mean TTFT 0.98x -> 1.10x); worst mean TTFT over them 1.16x of the best
+    baseline's against its 3.08x, which is why it is the default (README, "The default rule").
+    Unchunked (chunk 0) nothing is exempt."""
 
     name = "marginal_room"
 
@@ -400,16 +403,12 @@ class MarginalRoom(MarginalChunked):
         n, chunk = view.prompt_len, view.chunk_tokens
         out, room = [], False
         for kv, cap, q, c in zip(view.kv_tokens, caps, view.queued, view.cached, strict=True):
-            excess = kv + n - cap
-            if cap and excess > 0:
-                held = min(kv, cap)
-                # the pages free up while the queue ahead drains: only the wait past it is extra
-                w = (horizon * excess / held if held else horizon) - q
-                # where the request holds a chunk or more, staying is not priced the wait (docstring)
-                out.append(0.0 if chunk and c >= chunk else max(0.0, w))
-            else:
+            w = kv_room_wait(horizon, n, kv, cap, q)
+            if w is None:
                 out.append(0.0)
                 room = True
+            else:  # where the request holds a chunk or more, staying is not priced the wait (docstring)
+                out.append(0.0 if chunk and c >= chunk else w)
         # every rank short: the pools, not the routing, are what the cluster waits for; the queues decide
         # (no wait priced anywhere, the exempt ranks' included: nothing to add either)
         return out if room and any(out) else None
@@ -423,6 +422,18 @@ class MarginalRoom(MarginalChunked):
         own = super().own_wait(view)
         wait = self.room_wait(view)
         return list(map(add, own, wait)) if wait else own
+
+
+def kv_room_wait(horizon: float, prompt: int, kv: int, cap: int, queued: int) -> float | None:
+    """`marginal_room`'s estimate of one rank's wait for KV pages, in prefill tokens, before its
+    exemption (None: the rank has room). Apart so `benchmarks/sim_room_estimate.py` sets the
+    estimate against the waits that happened."""
+    excess = kv + prompt - cap
+    if not cap or excess <= 0:
+        return None
+    held = min(kv, cap)
+    # the pages free up while the queue ahead drains: only the wait past it is extra
+    return max(0.0, (horizon * excess / held if held else horizon) - queued)
 
 
 class KvmulExcess(CostRule):
@@ -617,7 +628,7 @@ REGISTRY: dict[str, RuleSpec] = {
         ),
         RuleSpec(
             "marginal_chunked",
-            "marginal_turnover, own wait bounded by one prefill chunk past the cached prefix; the default",
+            "marginal_turnover, own wait bounded by one prefill chunk past the cached prefix",
             _plain(MarginalChunked),
         ),
         RuleSpec(
@@ -627,7 +638,7 @@ REGISTRY: dict[str, RuleSpec] = {
         ),
         RuleSpec(
             "marginal_room",
-            "marginal_chunked plus the expected wait for KV room on ranks whose pool is short",
+            "marginal_chunked plus the expected wait for KV room on ranks whose pool is short; the default",
             _plain(MarginalRoom),
         ),
         RuleSpec("kvmul_excess", "the product on queues in excess of the shortest", _plain(KvmulExcess)),
