@@ -87,6 +87,11 @@ WORKLOADS: dict[str, Callable[[float], list[workloads.TraceRequest]]] = {
     "agentic_kv": lambda s: workloads.agentic(
         sessions=12, turns=8, tool_time_mean=4.0, session_rate=0.5, token_scale=s, output_scale=s / 8, vocab=VOCAB
     ),
+    # the same sessions with outputs 8x longer (~37 tokens): enough decode steps for the controller to
+    # measure L, one output's duration, which marginal_room's wait for KV room needs
+    "agentic_kv_long": lambda s: workloads.agentic(
+        sessions=12, turns=8, tool_time_mean=4.0, session_rate=0.5, token_scale=s, output_scale=s, vocab=VOCAB
+    ),
     # 12 system prompts of ~375 tokens (Zipf), 3 questions per second, 60 questions
     "api": lambda s: workloads.api(
         requests=60, system_prompts=12, rate=3.0, token_scale=2 * s, output_scale=s / 2, vocab=VOCAB
@@ -192,6 +197,7 @@ def requests_per_rank(dep: Deployment) -> list[float]:
 
 
 _GAUGE = re.compile(r"^kvmul_(decode_\w+|prefill_chunk_tokens) (?P<v>[0-9.e+-]+)$", re.M)
+_TRIPS = re.compile(r'^kvmul_rule_trips_total\{trip="(\w+)"\} (?P<v>[0-9.e+-]+)$', re.M)
 
 
 def controller_gauges(dep: Deployment) -> dict[str, float]:
@@ -200,7 +206,8 @@ def controller_gauges(dep: Deployment) -> dict[str, float]:
     if not dep.metrics_url:
         return {}
     text = requests.get(dep.metrics_url, timeout=10).text
-    return {m[1]: float(m["v"]) for m in _GAUGE.finditer(text)}
+    out = {m[1]: float(m["v"]) for m in _GAUGE.finditer(text)}
+    return out | {f"trips_{m[1]}": float(m["v"]) for m in _TRIPS.finditer(text)}  # since the server started
 
 
 def against_product(decisions: list[dict]) -> dict[str, float]:
@@ -266,6 +273,7 @@ def run_workload(
     bench_file = raw / f"{_slug(cfg.name)}.r{rep}.jsonl"
     bench_file.unlink(missing_ok=True)
     before = requests_per_rank(dep)
+    gauges_before = controller_gauges(dep)  # the rule's trips count from the server's start
     seen = _lines(dep.decision_log)
     sampler = LoadSampler(dep, sample_s)
     sampler.start()
@@ -300,7 +308,9 @@ def run_workload(
         "prompt_tokens": cr["total_prompt_tokens"],
         "hit_ratio": cr["total_cached_tokens"] / max(1, cr["total_prompt_tokens"]),
         "requests_per_rank": split,
-        "controller": controller_gauges(dep),
+        "controller": {
+            k: v - gauges_before.get(k, 0.0) if k.startswith("trips_") else v for k, v in controller_gauges(dep).items()
+        },
         "against_product": against_product(decisions),
         "ttft_samples": ttft,
         "tpot_samples": tpot,
@@ -449,18 +459,21 @@ def decisions_table(runs: list[dict]) -> str:
         "prefixes and batches; mean per decision):\n",
         "| rule | decisions | same rank as the product | uncached tokens (product's pick) | queued tokens "
         "(product's) | batch joined (product's) | D, prefill tokens per request in a batch | L, one output "
-        "in prefill tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "in prefill tokens | room wait priced / spared, per repetition (marginal_room) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["ttft_ms"]["mean"]):
         a, n = r["against_product"], r["against_product"]["decisions"]
         ctl = r["controller"]
         d = " / ".join(f"{c.get('decode_tokens_per_request', 0):.0f}" for c in ctl)
         big_l = " / ".join(f"{c.get('decode_output_tokens', 0):.0f}" for c in ctl)
+        room = "; ".join(
+            f"{c['trips_room_priced']:.0f} / {c['trips_room_exempt']:.0f}" for c in ctl if "trips_room_priced" in c
+        )
         lines.append(
             f"| {r['config']} | {n:.0f} | {a['same'] / n:.0%} | {a['uncached'] / n:.0f} "
             f"({a['uncached_product'] / n:.0f}) | {a['queued'] / n:.0f} ({a['queued_product'] / n:.0f}) | "
-            f"{a['batch'] / n:.1f} ({a['batch_product'] / n:.1f}) | {d} | {big_l} |"
+            f"{a['batch'] / n:.1f} ({a['batch_product'] / n:.1f}) | {d} | {big_l} | {room} |"
         )
     return "\n".join(lines) + "\n"
 

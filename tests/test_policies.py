@@ -281,3 +281,21 @@ def test_marginal_room_adds_the_expected_wait_for_kv_pages_where_the_pool_is_sho
     # every pool short: nowhere has room, the queues decide, as in marginal_chunked
     full = dataclasses.replace(long, kv_tokens=[100_000, 95_000])
     assert rule.costs(full) == rule_by_name("marginal_chunked").costs(full)
+
+
+def test_marginal_room_counts_the_decisions_where_its_term_ran():
+    """What the controller's `kvmul_rule_trips` reports: a decision with a wait priced, one where a
+    rank holding the request's chunk was spared it, and none where no rank, or every rank, is short
+    or L is not measured (each decision counted once, however often the rule reads its view)."""
+    base = view(cached=(4000, 0), running=(10, 10), kv=(100_000, 50_000), prompt=10_000, max_kv=(100_000, 100_000))
+    short = dataclasses.replace(base, chunk_tokens=8192, decode_output_tokens=2_000_000.0)
+    rule = rule_by_name("marginal_room")
+    for v in (
+        short,
+        dataclasses.replace(short, cached=[9000, 0]),  # spared on rank 0; rank 1 has room: nothing priced
+        dataclasses.replace(short, kv_tokens=[80_000, 50_000]),  # room everywhere
+        dataclasses.replace(short, kv_tokens=[100_000, 95_000]),  # no room anywhere
+        dataclasses.replace(short, decode_output_tokens=0.0),  # L not measured yet
+    ):
+        rule.choose(v, 0)
+    assert rule.trips == {"room_priced": 1, "room_exempt": 1}

@@ -90,10 +90,12 @@ def test_prometheus_metrics_describe_the_decisions(kvmul_server):
     for i in range(3):
         assert kvmul_server.generate(prefix + ids(rng, 8), rid=f"metrics-{i}").status_code == 200
     text = requests.get(kvmul_server.metrics_url, timeout=10).text
-    samples = {}
+    samples, trips = {}, {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             samples[(s.name, s.labels.get("rank"))] = s.value
+            if s.name == "kvmul_rule_trips_total":
+                trips[s.labels["trip"]] = s.value
     booked = kvmul_server.decision_lines()  # routed by the rule, or pinned (other tests reuse rids)
     assert samples[("kvmul_decisions_total", None)] == len(booked)
     assert sum(samples[("kvmul_routed_requests_total", r)] for r in "01") == len(booked)
@@ -104,6 +106,8 @@ def test_prometheus_metrics_describe_the_decisions(kvmul_server):
     assert samples[("kvmul_mirror_tokens", "0")] + samples[("kvmul_mirror_tokens", "1")] >= 300
     assert samples[("kvmul_malformed_messages_total", "0")] == 0
     assert samples[("kvmul_orphan_blocks_total", "0")] == samples[("kvmul_orphan_blocks_total", "1")] == 0
+    # the default rule (marginal_room) reports when its room term ran: never here, the pools have room
+    assert trips == {"room_priced": 0, "room_exempt": 0}
 
 
 def test_sglang_decode_step_times_reach_the_router(kvmul_server):

@@ -385,6 +385,9 @@ class MarginalRoom(MarginalChunked):
         super().__init__()
         # the last view's waits: a decision reads them twice (its costs, and its own wait in the bound)
         self._memo: tuple[RankView | None, list[float] | None] = (None, None)
+        # decisions with a wait priced, and with one spared a rank holding the request's chunk (the
+        # controller's metrics: when the term runs at all needs a measured L and a pool short of room)
+        self.trips: Counter[str] = Counter(room_priced=0, room_exempt=0)
 
     def room_wait(self, view: RankView) -> list[float] | None:
         """Each rank's expected wait for KV pages, in prefill tokens (None: no rank is short of room).
@@ -401,17 +404,26 @@ class MarginalRoom(MarginalChunked):
         if not horizon or not caps:
             return None
         n, chunk = view.prompt_len, view.chunk_tokens
-        out, room = [], False
+        out, room, spared = [], False, False
         for kv, cap, q, c in zip(view.kv_tokens, caps, view.queued, view.cached, strict=True):
             w = kv_room_wait(horizon, n, kv, cap, q)
             if w is None:
                 out.append(0.0)
                 room = True
-            else:  # where the request holds a chunk or more, staying is not priced the wait (docstring)
-                out.append(0.0 if chunk and c >= chunk else w)
-        # every rank short: the pools, not the routing, are what the cluster waits for; the queues decide
-        # (no wait priced anywhere, the exempt ranks' included: nothing to add either)
-        return out if room and any(out) else None
+            elif chunk and c >= chunk:  # where the request holds a chunk or more, staying is not priced
+                out.append(0.0)
+                spared = spared or w > 0
+            else:
+                out.append(w)
+        if not room:
+            # every rank short: the pools, not the routing, are what the cluster waits for; the queues
+            # decide (no wait priced anywhere, the exempt ranks' included: nothing to add either)
+            return None
+        self.trips["room_exempt"] += spared
+        if not any(out):
+            return None
+        self.trips["room_priced"] += 1
+        return out
 
     def costs(self, view: RankView) -> list[float]:
         costs = super().costs(view)

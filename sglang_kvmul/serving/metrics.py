@@ -88,6 +88,14 @@ class KvmulCollector(Collector):
             ("prefill_chunk_tokens", r.chunk_tokens, "The ranks' chunked_prefill_size the rules bound by (0: off)"),
         ):
             yield GaugeMetricFamily(f"kvmul_{name}", text, value=value)
+        trips = CounterMetricFamily(
+            "kvmul_rule_trips",
+            "Decisions where a conditional term of the rule ran (marginal_room: room_priced, room_exempt)",
+            labels=["trip"],
+        )
+        for trip, count in list(getattr(r.rule, "trips", {}).items()):  # a snapshot: the dispatch thread adds
+            trips.add_metric([trip], count)
+        yield trips
         yield CounterMetricFamily("kvmul_stale_marks", "Times a rank was marked stale", value=st.stale_marks)
         yield self._per_rank(
             CounterMetricFamily(
