@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -122,18 +123,24 @@ def test_sglang_decode_step_times_reach_the_router(kvmul_server):
         time.sleep(0.2)  # polling interval
 
 
+def _measure_decode_costs(server, tag: str) -> None:
+    """Run enough to pass the thresholds for a trusted estimate (pooled decode steps, prefilled
+    tokens), then wait for the snapshots that carry it."""
+    rng = random.Random(9)
+    for i in range(6):  # 6 x 3,000 prefilled tokens and 6 x 48 decode steps: past both thresholds
+        resp = server.generate(ids(rng, 3000), rid=f"{tag}-{i}", max_new_tokens=48)
+        assert resp.status_code == 200, resp.text
+    deadline = time.monotonic() + 30
+    while server.metric_total("kvmul_decode_output_tokens") == 0:
+        assert time.monotonic() < deadline, "no output duration after 288 decode steps and 18k prefilled tokens"
+        time.sleep(0.2)  # polling interval: snapshots arrive on their own
+
+
 def test_measured_decode_costs_are_exported(kvmul_server):
     """Past the thresholds for a trusted estimate (pooled decode steps, prefilled tokens), the
     figures the marginal rules price with are served as gauges: the mean decode batch and one
     output's duration on the clock (what `marginal_turnover` discounts a queued batch by)."""
-    rng = random.Random(9)
-    for i in range(6):  # 6 x 3,000 prefilled tokens and 6 x 48 decode steps: past both thresholds
-        resp = kvmul_server.generate(ids(rng, 3000), rid=f"decode-cost-{i}", max_new_tokens=48)
-        assert resp.status_code == 200, resp.text
-    deadline = time.monotonic() + 30
-    while kvmul_server.metric_total("kvmul_decode_output_tokens") == 0:
-        assert time.monotonic() < deadline, "no output duration after 288 decode steps and 18k prefilled tokens"
-        time.sleep(0.2)  # polling interval: snapshots arrive on their own
+    _measure_decode_costs(kvmul_server, "decode-cost")
     assert kvmul_server.metric_total("kvmul_decode_batch_mean") >= 1.0  # every measured step decodes a request
     # one output (~48 steps) lasts longer on the clock than one step of it
     assert kvmul_server.metric_total("kvmul_decode_steps_per_request") > 1.0
@@ -218,3 +225,57 @@ def test_kv_events_reach_only_the_controller_address(kvmul_server):
             assert bool(dealer.poll(3000)) is expect, src
     finally:
         ctx.destroy(linger=0)
+
+
+def _trips(server) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(server.metrics_url, timeout=10).text
+    return {
+        s.labels["trip"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "kvmul_rule_trips_total"
+    }
+
+
+def test_room_term_spares_a_cached_session_and_prices_a_full_pool_for_a_new_prompt(kvmul_server):
+    """The default rule's room term on the real server (it never runs in the tests above: their pools
+    have room). A long request pinned to rank 0 holds over half its pool. Then (1) a session
+    holding that prompt (a chunk or more of its own) and too long to fit beside it stays on rank 0
+    unpriced (`room_exempt`), and (2) a new prompt too long for rank 0 but not for rank 1 has its
+    wait for pages priced (`room_priced`) and goes to rank 1. Must run after the decode costs are
+    measured (the term needs one output's duration), here by `_measure_decode_costs`."""
+    if kvmul_server.metric_total("kvmul_decode_output_tokens") == 0:
+        _measure_decode_costs(kvmul_server, "room-warm")
+    kvmul_server.wait_quiet()
+    info = requests.get(kvmul_server.url + "/server_info", timeout=10).json()
+    chunk, cap = info["chunked_prefill_size"], info["max_total_tokens"]
+    rng = random.Random(10)
+    held = ids(rng, max(chunk, cap // 2) + 300)  # over half the pool, and a chunk or more
+    session, fresh = held + ids(rng, 600), ids(rng, cap // 2 + 300)
+    assert len(held) + len(session) > cap and len(held) + len(fresh) > cap >= len(session) + 300
+    before = _trips(kvmul_server)
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(kvmul_server.generate, held, "room-held", 400, 300, routed_dp_rank=0)
+        # until rank 0's cache holds the prompt (its events confirmed) while it decodes
+        deadline = time.monotonic() + 120
+        while not (
+            kvmul_server.decisions().get("room-held")
+            and kvmul_server.metric("kvmul_inflight_prompts").get("0") == 0
+            and kvmul_server.metric("kvmul_batch_size").get("0", 0) >= 1
+        ):
+            assert not long.done(), long.result().text
+            assert time.monotonic() < deadline, "the pinned request's prefill never reached the mirror"
+            time.sleep(0.05)  # polling interval
+        assert kvmul_server.generate(session, rid="room-session").status_code == 200
+        exempt = _trips(kvmul_server)
+        assert kvmul_server.generate(fresh, rid="room-fresh").status_code == 200
+        after = _trips(kvmul_server)
+        assert not long.done(), "the pinned request ended before both probes were routed: too short a decode"
+        assert long.result().status_code == 200
+    d = kvmul_server.decisions()
+    assert d["room-session"]["rank"] == 0 and d["room-session"]["predicted_cached"] >= len(held) - 16
+    assert exempt["room_exempt"] == before["room_exempt"] + 1 and exempt["room_priced"] == before["room_priced"]
+    assert d["room-fresh"]["rank"] == 1
+    assert after["room_priced"] == before["room_priced"] + 1 and after["room_exempt"] == exempt["room_exempt"]
