@@ -55,6 +55,7 @@ RULES = tuple(  # the default; marginal_chunked, marginal_turnover, ... marginal
     dict.fromkeys(
         (
             FEATURED,
+            "marginal_room",
             "marginal_chunked",
             "marginal_timed",
             "marginal_turnover",
@@ -459,7 +460,7 @@ def decisions_table(runs: list[dict]) -> str:
         "prefixes and batches; mean per decision):\n",
         "| rule | decisions | same rank as the product | uncached tokens (product's pick) | queued tokens "
         "(product's) | batch joined (product's) | D, prefill tokens per request in a batch | L, one output "
-        "in prefill tokens | room wait priced / spared, per repetition (marginal_room) |",
+        "in prefill tokens | room wait priced / spared (timed / speed changed the rank), per repetition |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["ttft_ms"]["mean"]):
@@ -468,7 +469,10 @@ def decisions_table(runs: list[dict]) -> str:
         d = " / ".join(f"{c.get('decode_tokens_per_request', 0):.0f}" for c in ctl)
         big_l = " / ".join(f"{c.get('decode_output_tokens', 0):.0f}" for c in ctl)
         room = "; ".join(
-            f"{c['trips_room_priced']:.0f} / {c['trips_room_exempt']:.0f}" for c in ctl if "trips_room_priced" in c
+            f"{c['trips_room_priced']:.0f} / {c['trips_room_exempt']:.0f}"
+            + (f" ({c.get('trips_timed', 0):.0f} / {c.get('trips_speed_spread', 0):.0f})" if "trips_timed" in c else "")
+            for c in ctl
+            if "trips_room_priced" in c
         )
         lines.append(
             f"| {r['config']} | {n:.0f} | {a['same'] / n:.0%} | {a['uncached'] / n:.0f} "

@@ -1,12 +1,13 @@
 """The baseline rules, each checked against its published definition on hand-made views."""
 
 import dataclasses
+from collections import Counter
 
 import pytest
 from helpers import view
 
 from sglang_kvmul.core.router import KvmulRouter
-from sglang_kvmul.core.rules import REGISTRY, rule_by_name, rule_help
+from sglang_kvmul.core.rules import DEFAULT_RULE, REGISTRY, rule_by_name, rule_help
 
 
 def pick(name, v, rotation=0):
@@ -299,3 +300,22 @@ def test_marginal_room_counts_the_decisions_where_its_term_ran():
     ):
         rule.choose(v, 0)
     assert rule.trips == {"room_priced": 1, "room_exempt": 1}
+
+
+def test_marginal_room_timed_prices_every_term_and_the_room_wait_in_each_ranks_time():
+    """The default: with the ranks measuring alike it is marginal_room exactly; with a measured
+    spread each rank's cost, the room wait included, is times its slowdown, and each decision counts
+    its trips once (the speed check replays the decision in tokens without tripping the room term
+    again)."""
+    base = view(cached=(4000, 0), running=(10, 10), kv=(100_000, 50_000), prompt=10_000, max_kv=(100_000, 100_000))
+    short = dataclasses.replace(base, chunk_tokens=8192, decode_output_tokens=2_000_000.0)
+    rule, room = rule_by_name("marginal_room_timed"), rule_by_name("marginal_room")
+    assert rule_by_name(DEFAULT_RULE).name == "marginal_room_timed"
+    assert rule.costs(short) == room.costs(short) == pytest.approx([6000 * 11 + 200_000, 10_000 * 11])
+    assert rule.choose(short, 0) == room.choose(short, 0)
+    slow = dataclasses.replace(short, rank_slowdown=(1.5, 0.5))
+    assert rule.costs(slow) == pytest.approx([(6000 * 11 + 200_000) * 1.5, 10_000 * 11 * 0.5])
+    assert rule.room_wait(slow) == pytest.approx([200_000 * 1.5, 0.0])
+    rule.trips.clear()
+    assert rule.choose(dataclasses.replace(slow), 0).rank == 1  # a new view: a new decision
+    assert +rule.trips == Counter(room_priced=1, timed=1)  # the tokens-only replay also picks rank 1

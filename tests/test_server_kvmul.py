@@ -107,8 +107,9 @@ def test_prometheus_metrics_describe_the_decisions(kvmul_server):
     assert samples[("kvmul_mirror_tokens", "0")] + samples[("kvmul_mirror_tokens", "1")] >= 300
     assert samples[("kvmul_malformed_messages_total", "0")] == 0
     assert samples[("kvmul_orphan_blocks_total", "0")] == samples[("kvmul_orphan_blocks_total", "1")] == 0
-    # the default rule (marginal_room) reports when its room term ran: never here, the pools have room
-    assert trips == {"room_priced": 0, "room_exempt": 0}
+    # the default rule reports when its room term ran: never here, the pools have room (the speed
+    # terms, `timed`, may: the two CPU ranks share two cores)
+    assert trips["room_priced"] == trips["room_exempt"] == 0
 
 
 def test_sglang_decode_step_times_reach_the_router(kvmul_server):

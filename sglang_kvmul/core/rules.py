@@ -34,7 +34,7 @@ __all__ = [
 
 # The rule `--load-balance-method kvmul` routes with unless `--kvmul-policy` names another (issue #14:
 # `benchmarks/results/sim/sim_tally.md`); the paper's product stays selectable as `kvmul`.
-DEFAULT_RULE = "marginal_room"
+DEFAULT_RULE = "marginal_room_timed"
 
 
 class CostRule:
@@ -342,8 +342,11 @@ class MarginalTimed(MarginalChunked):
     def choose(self, view: RankView, rotation: int) -> Choice:
         c = super().choose(view, rotation)
         if view.rank_slowdown:
-            self.trips["timed"] += 1
+            kept = self.trips.copy()  # the replay below is a count, not a decision: it trips nothing
             plain = MarginalChunked.choose(self, replace(view, rank_slowdown=()), rotation)
+            self.trips.clear()
+            self.trips.update(kept)
+            self.trips["timed"] += 1
             if plain.rank != c.rank:
                 self.trips["speed_spread"] += 1
         return c
@@ -376,8 +379,8 @@ class MarginalRoom(MarginalChunked):
     waited 2.47 s against 2.95 (Mooncake MoE x2: 2.12 s against 1.85, rank correlation 0.58).
     Exempt: 2,380 and 5,070 ms. 42 of the 68 simulated points against `marginal_chunked`'s 43 (it
     loses the 12x sweep, mean TTFT 0.98x -> 1.10x); worst mean TTFT over them 1.16x of the best
-    baseline's against its 3.08x, which is why it is the default (README, "The default rule").
-    Unchunked (chunk 0) nothing is exempt."""
+    baseline's against its 3.08x, why it became the default at stop 30 (since stop 31 the default
+    is it in time, `marginal_room_timed`: README, "The default rule"). Unchunked (chunk 0) nothing is exempt."""
 
     name = "marginal_room"
 
@@ -434,6 +437,31 @@ class MarginalRoom(MarginalChunked):
         own = super().own_wait(view)
         wait = self.room_wait(view)
         return list(map(add, own, wait)) if wait else own
+
+
+class MarginalRoomTimed(MarginalRoom, MarginalTimed):
+    """`marginal_room` in time: where the ranks measure different speeds (`marginal_timed`'s
+    slowdown), every term of a rank, its wait for KV room included, times that rank's slowdown (its
+    pages free up at its pace too). Where the ranks measure alike it is `marginal_room` exactly. No
+    weight: the slowdown is SGLang's own step times.
+
+    What it addresses (simulated, 16 ranks, `sim_tally.md`): within the bar on 43 of the 68 points
+    against `marginal_room`'s 42, and on one point no rule met before: Mooncake on Qwen3-30B-A3B
+    pools with the efficiency doubled (mean TTFT / TPOT / P99 over the gates 0.80 / 1.01 / 0.82 ->
+    0.76 / 0.99 / 0.76). It also gains half-speed ranks seed 2 (TPOT 1.00 -> 0.95 over its gate)
+    and the 12x sweep with the efficiency doubled (TPOT 1.04 -> 1.00), and lowers the worst P99
+    over the 68 points (1.74x -> 1.56x of the best baseline's, half-speed ranks at double
+    efficiency). What it gives up: Mooncake 7B with mixed chunks seed 2 (TPOT 0.99 -> 1.00 over the
+    gate, just past it) and Mooncake 7B at half efficiency (P99 0.92 -> 1.03). On equal ranks the
+    slowdown still opens where long contexts slow a rank's steps (`marginal_timed`), which is a
+    real slowness for the next request there. The default (README, "The default rule")."""
+
+    name = "marginal_room_timed"
+
+    def room_wait(self, view: RankView) -> list[float] | None:
+        wait = super().room_wait(view)
+        slow = view.rank_slowdown
+        return list(map(mul, wait, slow)) if wait and slow else wait
 
 
 def kv_room_wait(horizon: float, prompt: int, kv: int, cap: int, queued: int) -> float | None:
@@ -650,8 +678,13 @@ REGISTRY: dict[str, RuleSpec] = {
         ),
         RuleSpec(
             "marginal_room",
-            "marginal_chunked plus the expected wait for KV room on ranks whose pool is short; the default",
+            "marginal_chunked plus the expected wait for KV room on ranks whose pool is short",
             _plain(MarginalRoom),
+        ),
+        RuleSpec(
+            "marginal_room_timed",
+            "marginal_room, in time on ranks that measure different speeds; the default",
+            _plain(MarginalRoomTimed),
         ),
         RuleSpec("kvmul_excess", "the product on queues in excess of the shortest", _plain(KvmulExcess)),
         RuleSpec("cache_only", "most cached tokens (pure affinity)", _plain(CacheOnly)),

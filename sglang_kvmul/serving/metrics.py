@@ -90,7 +90,7 @@ class KvmulCollector(Collector):
             yield GaugeMetricFamily(f"kvmul_{name}", text, value=value)
         trips = CounterMetricFamily(
             "kvmul_rule_trips",
-            "Decisions where a conditional term of the rule ran (marginal_room: room_priced, room_exempt)",
+            "Decisions where a conditional term of the rule ran (room_priced, room_exempt; timed, speed_spread)",
             labels=["trip"],
         )
         for trip, count in list(getattr(r.rule, "trips", {}).items()):  # a snapshot: the dispatch thread adds
