@@ -254,10 +254,12 @@ def test_room_term_spares_a_cached_session_and_prices_a_full_pool_for_a_new_prom
     chunk, cap = info["chunked_prefill_size"], info["max_total_tokens"]
     rng = random.Random(10)
     held = ids(rng, max(chunk, cap // 2) + 300)  # over half the pool, and a chunk or more
-    session, fresh = held + ids(rng, 600), ids(rng, cap // 2 + 300)
+    # the new prompt nearly fills an empty pool, so beside the held one its excess is most of what
+    # rank 0 holds and its wait most of one output's duration L, whatever L this machine measures
+    session, fresh = held + ids(rng, 600), ids(rng, cap - 1000)
     assert len(held) + len(session) > cap and len(held) + len(fresh) > cap >= len(session) + 300
     before = _trips(kvmul_server)
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
         long = pool.submit(kvmul_server.generate, held, "room-held", 400, 300, routed_dp_rank=0)
         # until rank 0's cache holds the prompt (its events confirmed) while it decodes
         deadline = time.monotonic() + 120
@@ -271,10 +273,18 @@ def test_room_term_spares_a_cached_session_and_prices_a_full_pool_for_a_new_prom
             time.sleep(0.05)  # polling interval
         assert kvmul_server.generate(session, rid="room-session").status_code == 200
         exempt = _trips(kvmul_server)
-        assert kvmul_server.generate(fresh, rid="room-fresh").status_code == 200
-        after = _trips(kvmul_server)
+        # until the session's prefill has left rank 0's queue (the queue ahead is taken off the wait)
+        deadline = time.monotonic() + 60
+        while kvmul_server.metric("kvmul_queued_uncached_tokens").get("0", 0) > 0:
+            assert time.monotonic() < deadline, "rank 0's queue never drained"
+            time.sleep(0.05)  # polling interval
+        probe = pool.submit(kvmul_server.generate, fresh, "room-fresh")
+        while "room-fresh" not in kvmul_server.decisions():  # routed (logged) before it is prefilled
+            assert not probe.done(), probe.result().text
+            time.sleep(0.05)  # polling interval
         assert not long.done(), "the pinned request ended before both probes were routed: too short a decode"
-        assert long.result().status_code == 200
+        assert probe.result().status_code == 200 and long.result().status_code == 200
+        after = _trips(kvmul_server)
     d = kvmul_server.decisions()
     assert d["room-session"]["rank"] == 0 and d["room-session"]["predicted_cached"] >= len(held) - 16
     assert exempt["room_exempt"] == before["room_exempt"] + 1 and exempt["room_priced"] == before["room_priced"]

@@ -1,5 +1,6 @@
 """One settings object from the launcher to the controller, and the launcher's own port checks."""
 
+import dataclasses
 import socket
 
 import pytest
@@ -84,8 +85,15 @@ def test_the_saved_cpu_samples_refit_to_the_saved_profile():
         report["prefill_samples"], report["cached_prefill_samples"], report["decode_samples"]
     )
     saved = json.loads((FITTED / "cpu-bench.json").read_text())["fit"]
+    # to 1e-6, not bit for bit: the small per-request decode slope is ill-conditioned, and another
+    # CPU's BLAS moves it by ~5e-9 (AMD EPYC against the machine that fitted it); a hand-copied or
+    # stale number is off by far more
     for part, terms in saved.items():
         for k, v in terms.items():
-            assert fit[part][k] == v if isinstance(v, bool) else abs(fit[part][k] - v) <= 1e-12 * abs(v), (part, k)
+            assert fit[part][k] == v if isinstance(v, bool) else abs(fit[part][k] - v) <= 1e-6 * abs(v), (part, k)
     whole = saved["prefill"]["attn_whole_sequence"]
-    assert errors[whole] < errors[not whole] and costs[MODEL_NAME[whole]] == PROFILES["cpu-bench"].cost
+    assert errors[whole] < errors[not whole]
+    refit, profile = dataclasses.asdict(costs[MODEL_NAME[whole]]), dataclasses.asdict(PROFILES["cpu-bench"].cost)
+    assert refit.keys() == profile.keys()
+    for k, v in profile.items():
+        assert refit[k] == v if isinstance(v, bool) else refit[k] == pytest.approx(v, rel=1e-6, abs=0), k
