@@ -26,7 +26,15 @@ from sglang_kvmul.core.view import RankView
 
 RULES = list(
     dict.fromkeys(
-        [DEFAULT_RULE, "marginal_chunked", "marginal_turnover", "marginal_rebalance", "marginal_bounded", "kvmul"]
+        [
+            DEFAULT_RULE,
+            "marginal_room",
+            "marginal_chunked",
+            "marginal_turnover",
+            "marginal_rebalance",
+            "marginal_bounded",
+            "kvmul",
+        ]
     )
 )
 
