@@ -44,13 +44,13 @@ class Server:
         }
         return requests.post(self.url + "/generate", json=body, timeout=timeout)
 
-    def metric(self, name: str) -> dict[str, float]:
-        """A per-rank metric of the controller, by rank label (one scrape)."""
+    def metric(self, name: str, label: str = "rank") -> dict[str, float]:
+        """A labelled metric of the controller, by its one label's value (one scrape)."""
         out = {}
         for line in requests.get(self.metrics_url, timeout=10).text.splitlines():
             if line.startswith(name + "{"):
                 labels, value = line.rsplit(" ", 1)
-                out[labels.split('rank="')[1].split('"')[0]] = float(value)
+                out[labels.split(f'{label}="')[1].split('"')[0]] = float(value)
         return out
 
     def wait_quiet(self, timeout: float = 30) -> None:

@@ -91,12 +91,10 @@ def test_prometheus_metrics_describe_the_decisions(kvmul_server):
     for i in range(3):
         assert kvmul_server.generate(prefix + ids(rng, 8), rid=f"metrics-{i}").status_code == 200
     text = requests.get(kvmul_server.metrics_url, timeout=10).text
-    samples, trips = {}, {}
+    samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             samples[(s.name, s.labels.get("rank"))] = s.value
-            if s.name == "kvmul_rule_trips_total":
-                trips[s.labels["trip"]] = s.value
     booked = kvmul_server.decision_lines()  # routed by the rule, or pinned (other tests reuse rids)
     assert samples[("kvmul_decisions_total", None)] == len(booked)
     assert sum(samples[("kvmul_routed_requests_total", r)] for r in "01") == len(booked)
@@ -109,6 +107,7 @@ def test_prometheus_metrics_describe_the_decisions(kvmul_server):
     assert samples[("kvmul_orphan_blocks_total", "0")] == samples[("kvmul_orphan_blocks_total", "1")] == 0
     # the default rule reports when its room term ran: never here, the pools have room (the speed
     # terms, `timed`, may: the two CPU ranks share two cores)
+    trips = _trips(kvmul_server)
     assert trips["room_priced"] == trips["room_exempt"] == 0
 
 
@@ -229,15 +228,7 @@ def test_kv_events_reach_only_the_controller_address(kvmul_server):
 
 
 def _trips(server) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = requests.get(server.metrics_url, timeout=10).text
-    return {
-        s.labels["trip"]: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "kvmul_rule_trips_total"
-    }
+    return server.metric("kvmul_rule_trips_total", label="trip")
 
 
 def test_room_term_spares_a_cached_session_and_prices_a_full_pool_for_a_new_prompt(kvmul_server):

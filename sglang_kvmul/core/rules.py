@@ -342,11 +342,8 @@ class MarginalTimed(MarginalChunked):
     def choose(self, view: RankView, rotation: int) -> Choice:
         c = super().choose(view, rotation)
         if view.rank_slowdown:
-            kept = self.trips.copy()  # the replay below is a count, not a decision: it trips nothing
-            plain = MarginalChunked.choose(self, replace(view, rank_slowdown=()), rotation)
-            self.trips.clear()
-            self.trips.update(kept)
             self.trips["timed"] += 1
+            plain = MarginalChunked.choose(self, replace(view, rank_slowdown=()), rotation)
             if plain.rank != c.rank:
                 self.trips["speed_spread"] += 1
         return c
@@ -386,8 +383,9 @@ class MarginalRoom(MarginalChunked):
 
     def __init__(self) -> None:
         super().__init__()
-        # the last view's waits: a decision reads them twice (its costs, and its own wait in the bound)
-        self._memo: tuple[RankView | None, list[float] | None] = (None, None)
+        # the last view's waits and whether a wait was priced / spared: a decision reads the waits
+        # twice (its costs, and its own wait in the bound) and counts the flags once, in `choose`
+        self._memo: tuple[RankView | None, list[float] | None, bool, bool] = (None, None, False, False)
         # decisions with a wait priced, and with one spared a rank holding the request's chunk (the
         # controller's metrics: when the term runs at all needs a measured L and a pool short of room)
         self.trips: Counter[str] = Counter(room_priced=0, room_exempt=0)
@@ -396,16 +394,22 @@ class MarginalRoom(MarginalChunked):
         """Each rank's expected wait for KV pages, in prefill tokens (None: no rank is short of room).
         The prompt counts whole, as SGLang counts a waiting request (its cached prefix is locked at
         admission too); `guard.saturated`'s cruder no-room test subtracts it."""
-        if self._memo[0] is view:
-            return self._memo[1]
-        wait = self._room_wait(view)
-        self._memo = (view, wait)
-        return wait
+        if self._memo[0] is not view:
+            self._memo = (view, *self._room_wait(view))
+        return self._memo[1]
 
-    def _room_wait(self, view: RankView) -> list[float] | None:
+    def choose(self, view: RankView, rotation: int) -> Choice:
+        c = super().choose(view, rotation)
+        self.room_wait(view)  # this decision's flags (a replay on another view, as in the timed rule, counts nothing)
+        self.trips["room_priced"] += self._memo[2]
+        self.trips["room_exempt"] += self._memo[3]
+        return c
+
+    def _room_wait(self, view: RankView) -> tuple[list[float] | None, bool, bool]:
+        """The waits (None: none priced) and whether one was priced, and one spared a rank holding the chunk."""
         horizon, caps = view.decode_output_tokens, view.max_kv_tokens
         if not horizon or not caps:
-            return None
+            return None, False, False
         n, chunk = view.prompt_len, view.chunk_tokens
         out, room, spared = [], False, False
         for kv, cap, q, c in zip(view.kv_tokens, caps, view.queued, view.cached, strict=True):
@@ -421,12 +425,10 @@ class MarginalRoom(MarginalChunked):
         if not room:
             # every rank short: the pools, not the routing, are what the cluster waits for; the queues
             # decide (no wait priced anywhere, the exempt ranks' included: nothing to add either)
-            return None
-        self.trips["room_exempt"] += spared
+            return None, False, False
         if not any(out):
-            return None
-        self.trips["room_priced"] += 1
-        return out
+            return None, False, spared
+        return out, True, spared
 
     def costs(self, view: RankView) -> list[float]:
         costs = super().costs(view)
@@ -450,7 +452,7 @@ class MarginalRoomTimed(MarginalRoom, MarginalTimed):
     pools with the efficiency doubled (mean TTFT / TPOT / P99 over the gates 0.80 / 1.01 / 0.82 ->
     0.76 / 0.99 / 0.76). It also gains half-speed ranks seed 2 (TPOT 1.00 -> 0.95 over its gate)
     and the 12x sweep with the efficiency doubled (TPOT 1.04 -> 1.00), and lowers the worst P99
-    over the 68 points (1.74x -> 1.56x of the best baseline's, half-speed ranks at double
+    over the 68 points (1.74x -> 1.55x of the best baseline's, half-speed ranks at double
     efficiency). What it gives up: Mooncake 7B with mixed chunks seed 2 (TPOT 0.99 -> 1.00 over the
     gate, just past it) and Mooncake 7B at half efficiency (P99 0.92 -> 1.03). On equal ranks the
     slowdown still opens where long contexts slow a rank's steps (`marginal_timed`), which is a
