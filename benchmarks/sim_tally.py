@@ -1,7 +1,8 @@
 """Issue 14's bar over every simulated point at once: the result sets of `sim_diagnosis` (its cases,
 the other workload seeds, mixed chunks, the roofline's efficiency factors halved and doubled) read
 back, each (case, seed, scheduling mode) counted once, and per rule: the points within the bar, the
-geometric mean and worst of each ratio to the best baseline, and the points no rule meets. No
+geometric mean and worst of each ratio to the best baseline, the points no rule meets, and where the
+default misses a point some other rule meets, what that rule gives up against the default. No
 simulation runs here; the figures are those of the result files named (`--sets`). With
 `sim_frontier`'s sets named first (`sim_tally_tuned.md`), the points no rule meets count its tuned
 rules too.
@@ -49,6 +50,32 @@ def nobody_meets(rows: list[dict]) -> list[str]:
     ]
 
 
+def trades(rows: list[dict], default: str, rules: list[str]) -> tuple[list[dict], list[dict]]:
+    """The points `default` misses and other rules (the baselines among them) meet, each with the
+    default's ratios over the gates and those rules; and per other rule, over the points both ran, how
+    many it meets that the default misses and how many the default meets that it misses. That some
+    rule beats the default on a point says little alone; what switching would cost elsewhere is the
+    other half."""
+    over: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
+    for case, seed in sorted({(r["case"], r["seed"]) for r in rows}):
+        over[case, seed] = sd.over_the_bar([r for r in rows if r["case"] == case and r["seed"] == seed])
+    ok = {p: {rule: max(o.values()) <= 1.0 for rule, o in o_p.items()} for p, o_p in over.items()}
+    missed = []
+    for p, o_p in over.items():
+        if default in o_p and not ok[p][default]:
+            meeting = [rule for rule in rules if rule != default and ok[p].get(rule)]
+            if meeting:
+                missed.append({"case": p[0], "seed": p[1], "default": o_p[default], "met_by": meeting})
+    per_rule = []
+    for rule in rules:
+        both = [p for p in over if rule != default and rule in ok[p] and default in ok[p]]
+        if both:
+            gains = sum(ok[p][rule] and not ok[p][default] for p in both)
+            losses = sum(ok[p][default] and not ok[p][rule] for p in both)
+            per_rule.append({"rule": rule, "points": len(both), "gains": gains, "losses": losses})
+    return missed, per_rule
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default=SETS, help="result sets under benchmarks/results/sim/")
@@ -64,6 +91,17 @@ def main() -> None:
           *sd.summary(rows, [t["rule"] for t in per_rule])]  # fmt: skip
     md += ["", f"No rule that ran meets the bar on {len(nobody)} of the {n} points:", ""]
     md += [f"- {p}" for p in nobody]
+    default = per_rule[0]["rule"] if per_rule else ""
+    missed, swaps = trades(rows, default, [*(t["rule"] for t in per_rule), *sd.BASELINES])
+    md += ["", f"Points `{default}` misses and another rule meets ({len(missed)}), with its mean TTFT / TPOT / "
+           "P99 TTFT over the gates (1.0: at the bar):", "",
+           "| point | over the gates | met by |", "|---|---|---|"]  # fmt: skip
+    md += [f"| {m['case']}, seed {m['seed']} | " + " / ".join(f"{v:.2f}" for v in m["default"].values())
+           + f" | {', '.join(m['met_by'])} |" for m in missed]  # fmt: skip
+    md += ["", f"Each other rule against `{default}` over the points both ran: the points it meets and "
+           "the default misses, and those the default meets and it misses:", "",
+           "| rule | points both ran | it gains | it loses |", "|---|---|---|---|"]  # fmt: skip
+    md += [f"| {t['rule']} | {t['points']} | {t['gains']} | {t['losses']} |" for t in swaps]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar([t["rule"] for t in per_rule], [t["met"] for t in per_rule])
@@ -74,7 +112,7 @@ def main() -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(sx.OUT / f"{args.name}.png", dpi=100)
-    report = {"config": vars(args), "rules": per_rule, "nobody": nobody}
+    report = {"config": vars(args), "rules": per_rule, "nobody": nobody, "missed": missed, "swaps": swaps}
     write_results(f"sim/{args.name}", __doc__, report, "\n".join(md))
 
 

@@ -9,7 +9,7 @@ from benchmarks import sim_frontier as frontier
 from benchmarks import sim_room_estimate as room_estimate
 from benchmarks.policy_comparison import against_product
 from benchmarks.sim_experiments import attribution
-from benchmarks.sim_tally import nobody_meets
+from benchmarks.sim_tally import nobody_meets, trades
 from sglang_kvmul.core.decode_cost import PooledDecodeCost
 from sglang_kvmul.core.rules import Choice, RankView
 from sglang_kvmul.sim.rank import SimRequest
@@ -60,6 +60,20 @@ def test_the_tally_counts_each_point_once_and_names_those_nobody_meets():
     assert ours["worst"]["tpot_mean_ms"] == 1.3 and ours["worst_case"]["tpot_mean_ms"] == "d"
     assert round(ours["geo"]["tpot_mean_ms"], 6) == round((1.04 * 1.3) ** 0.5, 6)
     assert nobody_meets(near + far) == ["d, seed 0"]
+
+
+def test_the_trades_name_the_points_the_default_misses_and_what_the_other_rule_gives_up():
+    # point c: "other" meets it and the default does not; point d: the reverse; point e: both meet it
+    base = [_row("linear:0.5", 100, 20, 300), _row("dynamo", 150, 10, 280)]
+    rows = [*base, _row("ours", 104, 13, 300), _row("other", 104, 10.4, 300)]
+    rows += [{**r, "case": "d"} for r in (*base, _row("ours", 104, 10.4, 300), _row("other", 104, 13, 300))]
+    rows += [{**r, "case": "e"} for r in (*base, _row("ours", 100, 10, 280), _row("other", 100, 10, 280))]
+    rows.append({**_row("third", 100, 10, 280), "case": "e"})  # ran on one point only
+    missed, swaps = trades(rows, "ours", ["ours", "other", "third"])
+    assert [(m["case"], m["met_by"]) for m in missed] == [("c", ["other"])]
+    assert round(missed[0]["default"]["tpot_mean_ms"], 6) == round(1.3 / 1.05, 6)
+    assert swaps == [{"rule": "other", "points": 3, "gains": 1, "losses": 1},
+                     {"rule": "third", "points": 1, "gains": 0, "losses": 0}]  # fmt: skip
 
 
 def test_the_frontier_gives_each_metrics_nearest_within_the_other_gates_and_the_pareto_front():
