@@ -55,6 +55,7 @@ CANDIDATES = list(
             "marginal_room",
             "marginal_chunked",
             "marginal_timed",
+            "marginal_persist",
             "marginal_turnover",
             "marginal_rebalance",
             "marginal_bounded",

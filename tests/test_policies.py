@@ -319,3 +319,28 @@ def test_marginal_room_timed_prices_every_term_and_the_room_wait_in_each_ranks_t
     rule.trips.clear()
     assert rule.choose(dataclasses.replace(slow), 0).rank == 1  # a new view: a new decision
     assert +rule.trips == Counter(room_priced=1, timed=1)  # the tokens-only replay also picks rank 1
+
+
+def test_marginal_persist_prices_a_batch_above_the_mean_at_the_whole_decode_cost():
+    """A 16016-token prompt cached to 16000 on rank 0, whose batch of 100 is far above the mean of
+    52 (rank 1: 4). D is 3000 prefill tokens per request and the mean batch 20, so the rebalance share
+    is 0.1: `marginal_room_timed` prices rank 0's batch at 300 a request and keeps the request there
+    (16 * 101 + 300 * 100 against 16016 * 5 + 300 * 4). Above the mean the routing does not even
+    the batch out, so its 48-request excess costs the whole D: 16 * 101 + 3000 * (10 + 0.9 * 48)
+    is more than rank 1's, and the request re-prefills there. At or below the mean, or with the
+    share at 1 (mean batch 2 or less), it is `marginal_room_timed` / the whole D exactly."""
+    hot = dataclasses.replace(
+        view(cached=(16000, 0), running=(100, 4), prompt=16016),
+        chunk_tokens=8192, decode_tokens_per_request=3000.0, decode_batch_mean=20.0,
+    )  # fmt: skip
+    room_timed, rule = rule_by_name("marginal_room_timed"), rule_by_name("marginal_persist")
+    assert room_timed.costs(hot) == pytest.approx([16 * 101 + 300 * 100, 16016 * 5 + 300 * 4])
+    assert room_timed.choose(hot, 0).rank == 0
+    assert rule.costs(hot) == pytest.approx([16 * 101 + 3000 * (10 + 0.9 * 48), 16016 * 5 + 300 * 4])
+    assert rule.choose(hot, 0).rank == 1
+    even = dataclasses.replace(hot, running=[50, 50], batch=[])
+    assert rule.costs(even) == pytest.approx(room_timed.costs(even))
+    small = dataclasses.replace(hot, decode_batch_mean=2.0)
+    assert rule.costs(small) == pytest.approx([16 * 101 + 3000 * 100, 16016 * 5 + 3000 * 4])
+    unmeasured = dataclasses.replace(hot, decode_tokens_per_request=0.0)
+    assert rule.costs(unmeasured) == room_timed.costs(unmeasured)
