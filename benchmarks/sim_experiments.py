@@ -79,6 +79,8 @@ def run(spec: dict) -> dict:
     work = _workload(spec["workload"], json.dumps(spec["params"], sort_keys=True))
     rank = RankConfig(**spec.get("rank", {}))
     cfg = SimConfig(ranks=spec["ranks"], rank=rank, rule=spec["rule"])
+    if "event_delay_s" in spec:  # `sim_nuisance`: how long KV events and snapshots take to reach the router
+        cfg.event_delay_s = spec["event_delay_s"]
     t0 = time.perf_counter()
     sim = Simulation(cfg, scaled_cost(spec["profile"], spec.get("scale")), speeds=spec.get("speeds"))
     reqs = sim.run(work)

@@ -6,6 +6,7 @@ import numpy as np
 
 from benchmarks import sim_diagnosis as sd
 from benchmarks import sim_frontier as frontier
+from benchmarks import sim_nuisance as nuisance
 from benchmarks import sim_room_estimate as room_estimate
 from benchmarks.policy_comparison import against_product
 from benchmarks.sim_experiments import attribution
@@ -143,3 +144,29 @@ def test_the_rank_correlation_averages_ties():
     assert room_estimate.spearman(np.array([0.0, 0.0, 1.0, 2.0]), np.array([0.0, 0.0, 3.0, 5.0])) == 1.0
     assert room_estimate.spearman(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])) == -1.0
     assert room_estimate.spearman(np.array([1.0, 1.0, 1.0]), np.array([1.0, 2.0, 3.0])) is None
+
+
+def test_the_nuisance_verdict_is_judged_against_the_best_baseline_at_each_delay():
+    """At 1 ms "ours" is within 5% of the best baseline's TPOT there (dynamo, 10); at 3 ms the best
+    TPOT is 8 (linear) and the same 10.4 is 1.3x: the verdict changes with the delay, and each delay is
+    judged against its own best baseline, not the 2 ms one."""
+
+    def at(delay: float, *rows: dict) -> list[dict]:
+        return [{**r, "event_delay_s": delay, "rank": {"mixed_chunk": False}} for r in rows]
+
+    rows = at(0.001, _row("linear:0.5", 100, 20, 300), _row("dynamo", 150, 10, 280), _row("ours", 104, 10.4, 300))
+    rows += at(0.003, _row("linear:0.5", 100, 8, 300), _row("dynamo", 150, 10, 280), _row("ours", 104, 10.4, 300))
+    (found,) = nuisance.verdicts(rows, ["ours"])
+    assert found["point"] == "c, seed 0" and sorted(found["over"]) == [0.001, 0.003]
+    assert round(found["over"][0.001]["tpot_mean_ms"], 6) == round(1.04 / 1.05, 6)
+    assert round(found["over"][0.003]["tpot_mean_ms"], 6) == round(1.3 / 1.05, 6)
+    line = nuisance.table([found], rows)[2]
+    assert "| 1 of 2 |" in line and "| 104-104 |" in line
+    # the specs: one run per rule and delay, each carrying its delay in seconds
+    specs = nuisance.specs("stress_long_outputs|2|1|1", "kvmul,dynamo", [1.0, 3.0])
+    assert [(s["rule"], s["event_delay_s"], s["seed"], s["rank"]["mixed_chunk"]) for s in specs] == [
+        ("kvmul", 0.001, 2, True),
+        ("kvmul", 0.003, 2, True),
+        ("dynamo", 0.001, 2, True),
+        ("dynamo", 0.003, 2, True),
+    ]
