@@ -141,8 +141,10 @@ def versus(rows: list[dict], rule: str) -> list[str]:
 
 
 def _key(spec: dict) -> str:
-    """What makes two runs the same run (the rule, case, seed, rank config and cost scale)."""
-    return json.dumps([spec[k] for k in ("case", "seed", "rule", "rank", "scale", "profile")], sort_keys=True)
+    """What makes two runs the same run (the rule, case, seed, rank config and cost scale, and the
+    KV-event delay where a run set one: `sim_nuisance`'s rows are not the stored 2 ms rows)."""
+    key = [spec[k] for k in ("case", "seed", "rule", "rank", "scale", "profile")]
+    return json.dumps([*key, spec["event_delay_s"]] if "event_delay_s" in spec else key, sort_keys=True)
 
 
 def _reused(names: str, specs: list[dict]) -> list[dict]:

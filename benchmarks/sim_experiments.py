@@ -78,9 +78,9 @@ def run(spec: dict) -> dict:
     """One simulation -> its summary row (runs in a pool worker; workloads cached per worker)."""
     work = _workload(spec["workload"], json.dumps(spec["params"], sort_keys=True))
     rank = RankConfig(**spec.get("rank", {}))
-    cfg = SimConfig(ranks=spec["ranks"], rank=rank, rule=spec["rule"])
-    if "event_delay_s" in spec:  # `sim_nuisance`: how long KV events and snapshots take to reach the router
-        cfg.event_delay_s = spec["event_delay_s"]
+    # `event_delay_s` (`sim_nuisance`): how long KV events and snapshots take to reach the router
+    delay = spec.get("event_delay_s", SimConfig.event_delay_s)
+    cfg = SimConfig(ranks=spec["ranks"], rank=rank, rule=spec["rule"], event_delay_s=delay)
     t0 = time.perf_counter()
     sim = Simulation(cfg, scaled_cost(spec["profile"], spec.get("scale")), speeds=spec.get("speeds"))
     reqs = sim.run(work)

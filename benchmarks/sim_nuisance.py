@@ -23,6 +23,7 @@ from benchmarks import sim_diagnosis as sd
 from benchmarks import sim_experiments as sx
 from benchmarks.common import pyplot
 from sglang_kvmul.core.rules import DEFAULT_RULE
+from sglang_kvmul.sim.engine import SimConfig
 
 # cheap points (seconds a run) at or near the bar: the default's closest misses and one it meets
 POINTS = ";".join([
@@ -71,7 +72,7 @@ def table(found: list[dict], rows: list[dict]) -> list[str]:
           "meets at | mean TTFT range, ms |", "|---|---|---|---|---|---|"]  # fmt: skip
     for v in found:
         over = v["over"]
-        at2 = over.get(0.002)
+        at2 = over.get(SimConfig.event_delay_s)  # the delay of every stored run
         ranges = " / ".join(
             f"{min(o[m] for o in over.values()):.2f}-{max(o[m] for o in over.values()):.2f}" for m in sd.GATES
         )

@@ -170,3 +170,7 @@ def test_the_nuisance_verdict_is_judged_against_the_best_baseline_at_each_delay(
         ("dynamo", 0.001, 2, True),
         ("dynamo", 0.003, 2, True),
     ]
+    # a run at another delay is another run: `--reuse` must not take it for the stored 2 ms row
+    assert len({sd._key(s) for s in specs}) == 4
+    plain = {k: v for k, v in specs[0].items() if k != "event_delay_s"}
+    assert sd._key(plain) != sd._key(specs[0]) and "0.001" not in sd._key(plain)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from itertools import repeat
 from operator import add, lt, mul
@@ -209,10 +209,11 @@ class MarginalDecode(MarginalBounded):
         decode = self.decode_terms(view, batch)
         return list(map(add, costs, decode)) if decode else costs
 
-    def decode_terms(self, view: RankView, batch: Sequence[float]) -> list[float] | None:
-        """Each rank's decode term for the batch priced there, in prefill tokens (None: D not measured)."""
+    def decode_terms(self, view: RankView, batch: Sequence[float]) -> Iterable[float] | None:
+        """Each rank's decode term for the batch priced there, in prefill tokens (None: D not measured;
+        an iterator, consumed once by `costs`: no list of its own on every decision)."""
         d = self.decode_cost(view)
-        return list(map(d.__mul__, batch)) if d else None
+        return map(d.__mul__, batch) if d else None
 
 
 class MarginalRebalance(MarginalDecode):
@@ -500,12 +501,11 @@ class MarginalPersist(MarginalRoomTimed):
 
     name = "marginal_persist"
 
-    def decode_terms(self, view: RankView, batch: Sequence[float]) -> list[float] | None:
+    def decode_terms(self, view: RankView, batch: Sequence[float]) -> Iterable[float] | None:
         full = MarginalDecode.decode_cost(self, view)
         if not full:
             return None
-        b_mean = view.decode_batch_mean
-        share = 2.0 / b_mean if b_mean > 2.0 else 1.0  # `marginal_rebalance`'s share of D
+        share = self.decode_cost(view) / full  # `marginal_rebalance`'s share of D, min(1, 2 / mean batch)
         m = sum(view.batch) / len(view.batch)
         rest = 1.0 - share
         return [full * (share * b + rest * (b - m if b > m else 0.0)) for b in batch]
