@@ -28,6 +28,7 @@ from benchmarks import sim_experiments as sx
 from benchmarks.common import add_trace_arg, geo_mean, pyplot, trace_path
 from sglang_kvmul.core.rules import DEFAULT_RULE
 from sglang_kvmul.sim.cost import PROFILES
+from sglang_kvmul.sim.engine import SimConfig
 
 _7B, _MOE = "h100-qwen2.5-7b", "h100-qwen3-30b-a3b"
 
@@ -142,9 +143,11 @@ def versus(rows: list[dict], rule: str) -> list[str]:
 
 def _key(spec: dict) -> str:
     """What makes two runs the same run (the rule, case, seed, rank config and cost scale, and the
-    KV-event delay where a run set one: `sim_nuisance`'s rows are not the stored 2 ms rows)."""
+    KV-event delay where a run set one other than the simulator's default: `sim_nuisance`'s 1 / 3 ms
+    rows are not the stored rows, its rows at the default delay are)."""
     key = [spec[k] for k in ("case", "seed", "rule", "rank", "scale", "profile")]
-    return json.dumps([*key, spec["event_delay_s"]] if "event_delay_s" in spec else key, sort_keys=True)
+    delay = spec.get("event_delay_s", SimConfig.event_delay_s)
+    return json.dumps(key if delay == SimConfig.event_delay_s else [*key, delay], sort_keys=True)
 
 
 def _reused(names: str, specs: list[dict]) -> list[dict]:

@@ -13,6 +13,7 @@ from benchmarks.sim_experiments import attribution
 from benchmarks.sim_tally import nobody_meets, trades
 from sglang_kvmul.core.decode_cost import PooledDecodeCost
 from sglang_kvmul.core.rules import Choice, RankView
+from sglang_kvmul.sim.engine import SimConfig
 from sglang_kvmul.sim.rank import SimRequest
 
 
@@ -162,6 +163,9 @@ def test_the_nuisance_verdict_is_judged_against_the_best_baseline_at_each_delay(
     assert round(found["over"][0.003]["tpot_mean_ms"], 6) == round(1.3 / 1.05, 6)
     line = nuisance.table([found], rows)[2]
     assert "| 1 of 2 |" in line and "| 104-104 |" in line
+    assert nuisance.summary("ours", [found]) == (
+        "- `ours`: meets 0 of 1 points at every delay, 0 at most delays; the verdict changes with the delay on 1."
+    )
     # the specs: one run per rule and delay, each carrying its delay in seconds
     specs = nuisance.specs("stress_long_outputs|2|1|1", "kvmul,dynamo", [1.0, 3.0])
     assert [(s["rule"], s["event_delay_s"], s["seed"], s["rank"]["mixed_chunk"]) for s in specs] == [
@@ -174,3 +178,5 @@ def test_the_nuisance_verdict_is_judged_against_the_best_baseline_at_each_delay(
     assert len({sd._key(s) for s in specs}) == 4
     plain = {k: v for k, v in specs[0].items() if k != "event_delay_s"}
     assert sd._key(plain) != sd._key(specs[0]) and "0.001" not in sd._key(plain)
+    # ...but a run at the simulator's own delay is the stored run, which `--reuse` takes instead
+    assert sd._key({**plain, "event_delay_s": SimConfig.event_delay_s}) == sd._key(plain)
