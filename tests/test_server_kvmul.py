@@ -277,7 +277,8 @@ def test_room_term_spares_a_cached_session_and_prices_a_full_pool_for_a_new_prom
         assert probe.result().status_code == 200 and long.result().status_code == 200
         after = _trips(kvmul_server)
     d = kvmul_server.decisions()
-    assert d["room-session"]["rank"] == 0 and d["room-session"]["predicted_cached"] >= len(held) - 16
+    ses = d["room-session"]
+    assert ses["rank"] == 0 and ses["predicted_cached"] >= len(held) - 16, (ses, d.get("room-held"), exempt, before)
     assert exempt["room_exempt"] == before["room_exempt"] + 1 and exempt["room_priced"] == before["room_priced"]
     assert d["room-fresh"]["rank"] == 1
     assert after["room_priced"] == before["room_priced"] + 1 and after["room_exempt"] == exempt["room_exempt"]
