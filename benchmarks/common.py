@@ -51,6 +51,16 @@ def pyplot():
     return plt
 
 
+def panel_grid(n: int, cols: int, width: float, height: float):
+    """A figure of `n` panels, at most `cols` a row (the unused ones hidden): (fig, the n axes)."""
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
 def add_trace_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--trace", type=Path, default=DEFAULT_TRACE, help=f"Mooncake-format trace (default: {DEFAULT_TRACE})"

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from benchmarks import sim_experiments as sx
-from benchmarks.common import add_trace_arg, geo_mean, pyplot, trace_path
+from benchmarks.common import add_trace_arg, geo_mean, panel_grid, trace_path
 from sglang_kvmul.core.rules import DEFAULT_RULE
 from sglang_kvmul.sim.cost import PROFILES
 from sglang_kvmul.sim.engine import SimConfig
@@ -302,10 +302,14 @@ def collect(args: argparse.Namespace) -> list[dict]:
     """Every run the arguments name: the rows `--reuse` already has, the others simulated."""
     if any(CASES[c]["workload"] == "mooncake" for c in args.cases.split(",")):
         sx.TRACE = trace_path(args.trace)  # checked here: a pool worker cannot exit with the message
-    specs = _specs(args)
-    reused = _reused(args.reuse, specs) if args.reuse else []
+    return run_or_reuse(_specs(args), args.reuse, args.workers, "diagnosis")
+
+
+def run_or_reuse(specs: list[dict], reuse: str | None, workers: int, desc: str) -> list[dict]:
+    """The rows of `specs`: those the named earlier results (`reuse`) already have, the others simulated."""
+    reused = _reused(reuse, specs) if reuse else []
     done = {_key(r) for r in reused}
-    return reused + sx.run_all([s for s in specs if _key(s) not in done], args.workers, "diagnosis")
+    return reused + sx.run_all([s for s in specs if _key(s) not in done], workers, desc)
 
 
 def main() -> None:
@@ -331,14 +335,9 @@ def main() -> None:
 
 def _plot(rows: list[dict], args: argparse.Namespace) -> None:
     """TTFT split into causes, per rule within 5x of the fastest, one panel per case (seed 0)."""
-    plt = pyplot()
     cases = sorted({r["case"] for r in rows})
-    cols = min(4, len(cases))
-    n_rows = -(-len(cases) // cols)
-    fig, axes = plt.subplots(n_rows, cols, figsize=(5 * cols, 4.2 * n_rows), squeeze=False)
-    for ax in axes.flat[len(cases) :]:
-        ax.set_visible(False)
-    for ax, case in zip(axes.flat, cases, strict=False):
+    fig, axes = panel_grid(len(cases), 4, 5, 4.2)
+    for ax, case in zip(axes, cases, strict=True):
         sub = sorted((r for r in rows if r["case"] == case and r["seed"] == 0), key=lambda r: r["ttft_mean_ms"])
         sub = [r for r in sub if r["ttft_mean_ms"] <= 5 * sub[0]["ttft_mean_ms"]]  # the rest is off the scale
         x = np.arange(len(sub))

@@ -23,7 +23,7 @@ import numpy as np
 
 from benchmarks import sim_diagnosis as sd
 from benchmarks import sim_experiments as sx
-from benchmarks.common import pyplot
+from benchmarks.common import panel_grid
 from benchmarks.sim_tally import SETS
 from sglang_kvmul.core.rules import DEFAULT_RULE
 from sglang_kvmul.sim.engine import SimConfig
@@ -117,9 +117,7 @@ def main() -> None:
     compare = args.compare.split(",")
     delays = [float(d) for d in args.delays.split(",")]
     todo = specs(args.points, ",".join([*compare, *sd.BASELINES]), delays)
-    rows = sd._reused(args.reuse, todo) if args.reuse else []
-    done = {sd._key(r) for r in rows}
-    rows += sx.run_all([s for s in todo if sd._key(s) not in done], args.workers, "nuisance")
+    rows = sd.run_or_reuse(todo, args.reuse, args.workers, "nuisance")
     rows = [{**r, "event_delay_s": r.get("event_delay_s", SimConfig.event_delay_s)} for r in rows]
     found = verdicts(rows, compare)
     md = ["Each compared rule against the best baseline at the same delay; over the gates: 1.0 is at the "
@@ -133,14 +131,9 @@ def main() -> None:
 
 def _plot(found: list[dict], compare: list[str], delays: list[float], name: str) -> None:
     """The worst ratio over the gates per delay, one panel per point."""
-    plt = pyplot()
     points = list(dict.fromkeys(v["point"] for v in found))
-    cols = min(6, len(points))
-    rows = -(-len(points) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(points) :]:
-        ax.set_visible(False)
-    for ax, point in zip(axes.flat, points, strict=False):
+    fig, axes = panel_grid(len(points), 6, 3.2, 3.2)
+    for ax, point in zip(axes, points, strict=True):
         for rule in compare:
             v = next((v for v in found if v["point"] == point and v["rule"] == rule), None)
             if v:
@@ -149,9 +142,9 @@ def _plot(found: list[dict], compare: list[str], delays: list[float], name: str)
         ax.axhline(1.0, color="k", ls="--", lw=0.8)
         ax.set_title(point, fontsize=8)
         ax.set_xlabel("event delay (ms)")
-    for row in axes:
-        row[0].set_ylabel("worst ratio over the gates")
-    axes[0][0].legend(fontsize=7)
+    for ax in axes[::6]:
+        ax.set_ylabel("worst ratio over the gates")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(sx.OUT / f"{name}.png", dpi=100)
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from benchmarks import sim_diagnosis as sd
 from benchmarks import sim_experiments as sx
-from benchmarks.common import pyplot, trace_path, write_results
+from benchmarks.common import panel_grid, trace_path, write_results
 from sglang_kvmul.core.decode_cost import PooledDecodeCost
 from sglang_kvmul.core.rules import Choice, RankView, Rule, kv_room_wait, rule_by_name
 from sglang_kvmul.sim.engine import SimConfig, Simulation
@@ -169,14 +169,9 @@ def table(rows: list[dict]) -> list[str]:
 
 def plot(rows: list[dict], name: str) -> None:
     """Estimate against the wait that happened, per decision (a sample), one panel per run."""
-    plt = pyplot()
     rows = sorted(rows, key=lambda r: (r["case"], r["rule"]))
-    cols = min(4, len(rows))
-    n_rows = -(-len(rows) // cols)
-    fig, axes = plt.subplots(n_rows, cols, figsize=(4.5 * cols, 4.2 * n_rows), squeeze=False)
-    for ax in axes.flat[len(rows) :]:
-        ax.set_visible(False)
-    for ax, r in zip(axes.flat, rows, strict=False):
+    fig, axes = panel_grid(len(rows), 4, 4.5, 4.2)
+    for ax, r in zip(axes, rows, strict=True):
         top = 1e-3
         for g in ("exempt", "priced", "all_short"):
             pts = np.array(r["groups"][g]["sample"]).reshape(-1, 2)
