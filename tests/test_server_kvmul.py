@@ -237,7 +237,10 @@ def test_room_term_spares_a_cached_session_and_prices_a_full_pool_for_a_new_prom
     holding that prompt (a chunk or more of its own) and too long to fit beside it stays on rank 0
     unpriced (`room_exempt`), and (2) a new prompt too long for rank 0 but not for rank 1 has its
     wait for pages priced (`room_priced`) and goes to rank 1. Must run after the decode costs are
-    measured (the term needs one output's duration), here by `_measure_decode_costs`."""
+    measured (the term needs one output's duration), here by `_measure_decode_costs`. A short
+    request pinned to rank 1 decodes alongside, so both ranks price the same decode batch: the
+    measured decode cost D (which earlier tests leave anywhere from hundreds to thousands of prefill
+    tokens) then cancels out, and the decisions turn on the prefill and room terms this test is about."""
     if kvmul_server.metric_total("kvmul_decode_output_tokens") == 0:
         _measure_decode_costs(kvmul_server, "room-warm")
     kvmul_server.wait_quiet()
@@ -250,17 +253,21 @@ def test_room_term_spares_a_cached_session_and_prices_a_full_pool_for_a_new_prom
     session, fresh = held + ids(rng, 600), ids(rng, cap - 1000)
     assert len(held) + len(session) > cap and len(held) + len(fresh) > cap >= len(session) + 300
     before = _trips(kvmul_server)
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
         long = pool.submit(kvmul_server.generate, held, "room-held", 400, 300, routed_dp_rank=0)
-        # until rank 0's cache holds the prompt (its events confirmed) while it decodes
+        # short, so rank 1 keeps room for the fresh prompt; longer output, so it outlasts the probes
+        filler = pool.submit(kvmul_server.generate, ids(rng, 32), "room-filler", 600, 300, routed_dp_rank=1)
+        # until rank 0's cache holds the prompt (its events confirmed) while both ranks decode
         deadline = time.monotonic() + 120
         while not (
             kvmul_server.decisions().get("room-held")
             and kvmul_server.metric("kvmul_inflight_prompts").get("0") == 0
             and kvmul_server.metric("kvmul_batch_size").get("0", 0) >= 1
+            and kvmul_server.metric("kvmul_batch_size").get("1", 0) >= 1
         ):
             assert not long.done(), long.result().text
-            assert time.monotonic() < deadline, "the pinned request's prefill never reached the mirror"
+            assert not filler.done(), filler.result().text
+            assert time.monotonic() < deadline, "the pinned requests' prefills never reached the mirror"
             time.sleep(0.05)  # polling interval
         assert kvmul_server.generate(session, rid="room-session").status_code == 200
         exempt = _trips(kvmul_server)
@@ -273,12 +280,15 @@ def test_room_term_spares_a_cached_session_and_prices_a_full_pool_for_a_new_prom
         while "room-fresh" not in kvmul_server.decisions():  # routed (logged) before it is prefilled
             assert not probe.done(), probe.result().text
             time.sleep(0.05)  # polling interval
-        assert not long.done(), "the pinned request ended before both probes were routed: too short a decode"
+        assert not long.done() and not filler.done(), "a pinned request ended before both probes were routed"
+        d_tokens = kvmul_server.metric_total("kvmul_decode_tokens_per_request")
         assert probe.result().status_code == 200 and long.result().status_code == 200
+        assert filler.result().status_code == 200
         after = _trips(kvmul_server)
     d = kvmul_server.decisions()
     ses = d["room-session"]
-    assert ses["rank"] == 0 and ses["predicted_cached"] >= len(held) - 16, (ses, d.get("room-held"), exempt, before)
+    why = (ses, d.get("room-held"), d.get("room-filler"), exempt, before, f"D={d_tokens:.0f}")
+    assert ses["rank"] == 0 and ses["predicted_cached"] >= len(held) - 16, why
     assert exempt["room_exempt"] == before["room_exempt"] + 1 and exempt["room_priced"] == before["room_priced"]
     assert d["room-fresh"]["rank"] == 1
     assert after["room_priced"] == before["room_priced"] + 1 and after["room_exempt"] == exempt["room_exempt"]
