@@ -1,5 +1,6 @@
 """The mirror's page tree, fed by SGLang's real radix cache and its real KV events."""
 
+import itertools
 import random
 
 import pytest
@@ -171,3 +172,56 @@ def test_shared_index_frees_segments_no_rank_holds():
     assert index.match_all([1, 2, 3], r) == [0, 2]
     index.clear(1)
     assert index.num_segments == 0 and index.pages == [0, 0]
+
+
+def test_stem_is_where_cached_prompts_branch():
+    """A system prompt two sessions extend: a new prompt on it has the system prompt as its stem and
+    its whole hit; a session's next turn hits past the stem (its own context); a prompt nothing
+    else shares has no stem."""
+    index = SharedRadixIndex(2, 1)
+    system, a, b = [1, 2, 3], [4, 5], [6, 7]
+    for rank, tokens in ((0, system + a), (1, system + b)):
+        hashes = [root(tokens, 1)] + [100 * rank + i for i in range(1, len(tokens))]
+        assert index.store(rank, hashes, None, tokens)
+    r = root(system, 1)
+    assert index.match_all_stem([*system, 9], r) == ([3, 3], 3)
+    assert index.match_all_stem([*system, *a, 9], r) == ([5, 3], 3)
+    lone = [8, 8]
+    assert index.store(0, [root(lone, 1), 300], None, lone)
+    assert index.match_all_stem([*lone, 9], root(lone, 1)) == ([2, 0], 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=2**31), page_size=st.sampled_from([1, 2]))
+def test_stem_equals_its_definition_on_real_sglang_caches(seed, page_size):
+    """Three real SGLang RadixCaches feeding one index, random inserts and evictions: the walk's stem
+    is, by definition, the longest page-aligned prefix of the prompt within its best hit at which
+    two different next pages are cached (on any rank), found here by asking the caches."""
+    rng = random.Random(seed)
+    caches = [SGLangCache(page_size) for _ in range(3)]
+    index = SharedRadixIndex(3, page_size)
+    mirrors = [RadixMirror(page_size, index, r) for r in range(3)]
+    stems = [[rng.randrange(4) for _ in range(page_size * 6)] for _ in range(2)]
+    pages = [list(p) for p in itertools.product(range(4), repeat=page_size)]
+
+    def prompt():
+        return rng.choice(stems)[: page_size * rng.randrange(1, 7)] + [rng.randrange(4) for _ in range(3 * page_size)]
+
+    def stem_by_definition(q):
+        hit = max(c.match(q) for c in caches)
+        for end in range(hit, 0, -page_size):
+            nexts = [p for p in pages if any(c.match(q[:end] + p) >= end + page_size for c in caches)]
+            if len(nexts) >= 2:
+                return end
+        return 0
+
+    for _ in range(30):
+        r = rng.randrange(3)
+        if rng.random() < 0.8:
+            caches[r].insert(prompt())
+        else:
+            caches[r].evict(rng.randrange(1, 4) * page_size)
+        mirror_of(caches[r], page_size, mirrors[r])
+        for _ in range(3):
+            q = prompt()
+            assert index.match_all_stem(q, root(q, page_size))[1] == stem_by_definition(q), q

@@ -243,6 +243,16 @@ class SharedRadixIndex:
         `root_hash` is the published hash of the prompt's first page in its namespace
         (`block_hash.first_page_hash`), or None for a prompt shorter than a page.
         """
+        return self.match_all_stem(tokens, root_hash, limit)[0]
+
+    def match_all_stem(
+        self, tokens: Sequence[int], root_hash: int | None, limit: int | None = None
+    ) -> tuple[list[int], int]:
+        """`match_all`, and the prompt's shared stem from the same walk: the longest cached prefix of
+        `tokens` that ends where two or more cached continuations branch (a system prompt or document
+        that other prompts extend too; 0: none). A prompt whose whole hit is its stem re-uses what
+        other requests use; one whose hit runs past its stem re-uses a context of its own (a
+        session's earlier turns), which no other request needs."""
         out = [0] * self.num_ranks
         ps = self.page_size
         if type(tokens) is not tuple:
@@ -251,19 +261,21 @@ class SharedRadixIndex:
         n -= n % ps
         seg = self._roots.get(root_hash) if root_hash is not None else None
         if seg is None or n < ps:
-            return out
-        pos = 0
+            return out, 0
+        pos = stem = 0
         while True:
             seg_tokens = seg.tokens
             length = len(seg_tokens)
             k = common_prefix_len(tokens, seg_tokens, pos, n)
             if k < length:
                 k -= k % ps
+            elif len(seg.children) > 1:
+                stem = pos + k
             child = seg.children.get(self._key(tokens, pos + k)) if k == length and pos + k + ps <= n else None
             if child is None:
                 for r in _ranks(seg.mask):
                     out[r] = pos + k
-                return out
+                return out, stem
             for r in _ranks(seg.mask & ~child.mask):
                 out[r] = pos + k
             seg, pos = child, pos + length

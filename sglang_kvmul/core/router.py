@@ -122,7 +122,7 @@ class KvmulRouter:
         tokens = _as_tuple(tokens)
         n = len(tokens)
         root = self.root_hash(tokens, namespace)
-        matches = self.index.match_all(tokens, root, limit)
+        matches, stem = self.index.match_all_stem(tokens, root, limit)
         ps, stale, pending = self.page_size, self.stale, self.pending
         # match_all already caps at `limit` and floors to pages: only stale ranks need zeroing
         cached = [0 if st else m for m, st in zip(matches, stale, strict=True)] if True in stale else matches
@@ -142,6 +142,7 @@ class KvmulRouter:
             page_size=self.page_size,
             chunk_tokens=self.chunk_tokens,
             batch=self._batch[:],
+            stem=stem,
         )
         if self.rule.reads_capacity:  # kept off the decisions of rules that do not read them
             view.max_running = self._max_running[:]

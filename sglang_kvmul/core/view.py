@@ -39,6 +39,9 @@ class RankView:
     rank_slowdown: Sequence[float] = ()
     # SGLang's chunked_prefill_size on each rank, the most prompt tokens one prefill step takes (0: unchunked)
     chunk_tokens: int = 0
+    # The longest cached prefix of the prompt that two or more cached prompts branch from (a shared
+    # system prompt or document; `SharedRadixIndex.match_all_stem`), on any rank (0: none)
+    stem: int = 0
 
     @cached_property
     def uncached(self) -> list[int]:
