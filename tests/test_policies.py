@@ -344,3 +344,26 @@ def test_marginal_persist_prices_a_batch_above_the_mean_at_the_whole_decode_cost
     assert rule.costs(small) == pytest.approx([16 * 101 + 3000 * 100, 16016 * 5 + 3000 * 4])
     unmeasured = dataclasses.replace(hot, decode_tokens_per_request=0.0)
     assert rule.costs(unmeasured) == room_timed.costs(unmeasured)
+
+
+def test_marginal_shared_moves_a_request_off_a_shared_stem_but_not_off_its_own_context():
+    """The persist test's hot rank, twice. Cached to the stem (16000 tokens that other prompts
+    branch from: a shared document), the request is `marginal_persist`'s and goes to rank 1, copying
+    a prefix the next requests for it use too; that decision counts one `shared_stem` trip. Cached
+    past the stem (stem 6000: a session's own 10000 tokens on top of a system prompt), it is
+    `marginal_room_timed`'s and stays with its context. Nothing cached anywhere (stem 0) is
+    persist's too: nothing of its own to leave."""
+    hot = dataclasses.replace(
+        view(cached=(16000, 0), running=(100, 4), prompt=16016),
+        chunk_tokens=8192, decode_tokens_per_request=3000.0, decode_batch_mean=20.0,
+    )  # fmt: skip
+    names = ("marginal_room_timed", "marginal_persist", "marginal_shared")
+    room_timed, persist, rule = map(rule_by_name, names)
+    shared = dataclasses.replace(hot, stem=16000)
+    assert rule.costs(shared) == pytest.approx(persist.costs(shared))
+    assert rule.choose(shared, 0).rank == 1 and rule.trips["shared_stem"] == 1
+    own = dataclasses.replace(hot, stem=6000)
+    assert rule.costs(own) == pytest.approx(room_timed.costs(own))
+    assert rule.choose(own, 0).rank == 0 and rule.trips["shared_stem"] == 1
+    cold = dataclasses.replace(hot, cached=(0, 0), stem=0)
+    assert rule.costs(cold) == pytest.approx(persist.costs(cold))
