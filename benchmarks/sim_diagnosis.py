@@ -57,6 +57,7 @@ CANDIDATES = list(
             "marginal_chunked",
             "marginal_timed",
             "marginal_persist",
+            "marginal_shared",
             "marginal_turnover",
             "marginal_rebalance",
             "marginal_bounded",

@@ -28,15 +28,16 @@ from benchmarks.sim_tally import SETS
 from sglang_kvmul.core.rules import DEFAULT_RULE
 from sglang_kvmul.sim.engine import SimConfig
 
-# the points whose verdict the default or `marginal_persist` is nearest to: every point the default
-# misses and another rule meets, every point where the two differ, and one the default meets with
-# room (API 7B)
+# the points whose verdict the default, `marginal_persist` or `marginal_shared` is nearest to: every
+# point the default misses and another rule meets, every point where either differs from the
+# default, and one the default meets with room (API 7B)
 POINTS = ";".join([
     "agentic_moe|0|0|2", "stress_heterogeneous|0|0|1", "stress_heterogeneous|0|0|0.5", "stress_heterogeneous|0|0|2",
     "stress_long_outputs|2|1|1", "stress_tiny_suffix|0|0|2", "api_7b|0|0|1",
     "mooncake_7b|2|1|1", "stress_kv_pressure|2|0|1", "stress_long_outputs|0|0|0.5", "sweep_12x|0|0|1",
     "sweep_16x|0|0|2", "stress_kv_pressure|0|1|1", "stress_kv_pressure|2|1|1", "sweep_12x|0|0|2",
     "sweep_4x|1|1|1", "sweep_4x|2|1|1", "mooncake_7b|0|0|2", "mooncake_7b|0|0|0.5",
+    "stress_kv_pressure|1|0|1", "sweep_4x|0|0|1",
 ])  # fmt: skip
 
 
@@ -107,7 +108,7 @@ def table(found: list[dict], rows: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", default=POINTS, help="case|seed|mixed (0/1)|efficiency factor, ';'-separated")
-    ap.add_argument("--compare", default=f"{DEFAULT_RULE},marginal_persist", help="the rules judged")
+    ap.add_argument("--compare", default=f"{DEFAULT_RULE},marginal_persist,marginal_shared", help="the rules judged")
     ap.add_argument("--delays", default="1,2,3", help="event delays, ms")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--name", default="sim_nuisance")
