@@ -352,7 +352,9 @@ def test_marginal_shared_moves_a_request_off_a_shared_stem_but_not_off_its_own_c
     a prefix the next requests for it use too; that decision counts one `shared_stem` trip. Cached
     past the stem (stem 6000: a session's own 10000 tokens on top of a system prompt), it is
     `marginal_room_timed`'s and stays with its context. Nothing cached anywhere (stem 0) is
-    persist's too: nothing of its own to leave."""
+    persist's too: nothing of its own to leave. With a pool short of room for the prompt (rank 1's
+    KV plus the prompt past its size) it is `marginal_room_timed`'s again: KV, not the routing,
+    caps the batches then, and a move re-prefills into a pool that must evict."""
     hot = dataclasses.replace(
         view(cached=(16000, 0), running=(100, 4), prompt=16016),
         chunk_tokens=8192, decode_tokens_per_request=3000.0, decode_batch_mean=20.0,
@@ -367,3 +369,8 @@ def test_marginal_shared_moves_a_request_off_a_shared_stem_but_not_off_its_own_c
     assert rule.choose(own, 0).rank == 0 and rule.trips["shared_stem"] == 1
     cold = dataclasses.replace(hot, cached=(0, 0), stem=0)
     assert rule.costs(cold) == pytest.approx(persist.costs(cold))
+    roomy = dataclasses.replace(shared, kv_tokens=[20000, 1000], max_kv_tokens=[100000, 17016])
+    assert rule.costs(roomy) == pytest.approx(persist.costs(roomy))  # 1000 + 16016 fits in 17016
+    short = dataclasses.replace(roomy, max_kv_tokens=[100000, 17015])
+    assert rule.costs(short) == pytest.approx(room_timed.costs(short))
+    assert rule.choose(short, 0).rank == 0 and rule.trips["shared_stem"] == 1

@@ -515,33 +515,42 @@ class MarginalPersist(MarginalRoomTimed):
 
 
 class MarginalShared(MarginalPersist):
-    """`marginal_persist`'s decode term for a request whose whole cached prefix is a shared stem,
-    `marginal_room_timed`'s for one whose cached prefix runs past it. The stem (`RankView.stem`) is
-    where two or more cached prompts branch: a system prompt or document that other requests extend
-    too. Moving such a request to even out the batches copies a prefix the next requests for it
-    use too (hot shared prompts: `marginal_persist`'s gain). A request whose hit runs past the
-    stem holds a context of its own, a session's earlier turns: moving it re-prefills what no
-    other request needs and, where pools are short, evicts what live sessions will need
-    (`marginal_persist`'s loss). No weight: the stem is the mirror's own tree.
+    """`marginal_persist`'s decode term for a request whose whole cached prefix is a shared stem while
+    every rank's pool has room for it; `marginal_room_timed`'s otherwise. The stem (`RankView.stem`)
+    is where two or more cached prompts branch: a system prompt or document that other requests
+    extend too. Moving such a request to even out the batches copies a prefix the next requests for
+    it use too (hot shared prompts: `marginal_persist`'s gain). A request whose hit runs past the
+    stem holds a context of its own, a session's earlier turns: moving it re-prefills what no other
+    request needs (`marginal_persist`'s loss on short pools). And where some pool is short, KV, not
+    the routing, caps the batches, and a move re-prefills into a pool that must evict. No weight:
+    the stem is the mirror's own tree, the room SGLang's pool figures.
 
-    Over the 68 simulated points (one run each) it meets 44, the default 43, `marginal_persist` 41:
-    persist's decode-bound gains (tiny suffixes at double efficiency, TPOT 1.16 -> 0.95 over the
-    gate; long outputs at half efficiency, 1.05 -> 0.97) without its losses on short pools (agentic
-    MoE at double efficiency 0.77 as the default, against persist's 1.02; KV pressure with mixed
-    chunks met). Judged at most of three event delays (`sim_nuisance`) it meets 45, the default and
-    persist 44; it loses KV pressure seed 1 (P99 over the gate 0.74-1.07, met at 1 of 3 delays, the
-    default at 3 of 3), so it is opt-in for decode-bound fleets: `--kvmul-policy marginal_shared`."""
+    Simulated, 16 ranks (`sim_tally.md`, one run per point): 45 of the 68 points within the bar,
+    the default 43, `marginal_persist` 41; judged at most of three event delays (`sim_nuisance.md`,
+    21 points) 46, the default 44. It keeps persist's decode-bound gains at every delay (tiny
+    suffixes at double efficiency, TPOT 1.06-1.17 -> 0.88-0.95 over the gate; long outputs at half
+    efficiency, 1.05 -> 0.97) and decides KV pressure as the default does (seed 1 met at every delay;
+    without the room gate its P99 reached 1.07 over the gate, met at 1 of 3 delays). It gives up
+    Mooncake 7B at double efficiency (TPOT 1.00-1.02 over the gate, the default's 0.99-1.00)."""
 
     name = "marginal_shared"
 
     def choose(self, view: RankView, rotation: int) -> Choice:
         c = super().choose(view, rotation)
-        if view.decode_tokens_per_request and view.stem >= max(view.cached):
+        if view.decode_tokens_per_request and self._evens(view):
             self.trips["shared_stem"] += 1  # decisions priced with the whole decode cost above the mean
         return c
 
-    def decode_terms(self, view: RankView, batch: Sequence[float]) -> Iterable[float] | None:
+    @staticmethod
+    def _evens(view: RankView) -> bool:
+        """Whether the request's whole hit is a shared stem and every rank has KV room for it."""
         if view.stem < max(view.cached):  # a context of its own past the stem (also: no stem, something cached)
+            return False
+        n = view.prompt_len
+        return not any(cap and kv + n > cap for kv, cap in zip(view.kv_tokens, view.max_kv_tokens, strict=False))
+
+    def decode_terms(self, view: RankView, batch: Sequence[float]) -> Iterable[float] | None:
+        if not self._evens(view):
             return MarginalRoomTimed.decode_terms(self, view, batch)
         return super().decode_terms(view, batch)
 
@@ -775,7 +784,7 @@ REGISTRY: dict[str, RuleSpec] = {
         ),
         RuleSpec(
             "marginal_shared",
-            "marginal_persist's decode term where the whole cached prefix is a shared stem",
+            "marginal_persist's decode term where the whole cached prefix is a shared stem and every pool has room",
             _plain(MarginalShared),
         ),
         RuleSpec("kvmul_excess", "the product on queues in excess of the shortest", _plain(KvmulExcess)),
