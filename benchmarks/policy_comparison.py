@@ -55,6 +55,7 @@ RULES = tuple(  # the default; marginal_chunked, marginal_turnover, ... marginal
     dict.fromkeys(
         (
             FEATURED,
+            "marginal_shared",
             "marginal_room",
             "marginal_chunked",
             "marginal_timed",
