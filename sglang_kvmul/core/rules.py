@@ -535,6 +535,10 @@ class MarginalShared(MarginalPersist):
 
     name = "marginal_shared"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.trips["shared_stem"] = 0  # shown as 0, not absent, until D is measured and a stem decides
+
     def choose(self, view: RankView, rotation: int) -> Choice:
         c = super().choose(view, rotation)
         if view.decode_tokens_per_request and self._evens(view):

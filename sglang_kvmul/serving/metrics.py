@@ -90,7 +90,8 @@ class KvmulCollector(Collector):
             yield GaugeMetricFamily(f"kvmul_{name}", text, value=value)
         trips = CounterMetricFamily(
             "kvmul_rule_trips",
-            "Decisions where a conditional term of the rule ran (room_priced, room_exempt; timed, speed_spread)",
+            "Decisions where a conditional term of the rule ran"
+            " (room_priced, room_exempt; timed, speed_spread; shared_stem)",
             labels=["trip"],
         )
         for trip, count in list(getattr(r.rule, "trips", {}).items()):  # a snapshot: the dispatch thread adds
