@@ -40,6 +40,8 @@ POINTS = ";".join([
     "stress_kv_pressure|1|0|1", "sweep_4x|0|0|1",
 ])  # fmt: skip
 
+COMPARE = ",".join(dict.fromkeys([DEFAULT_RULE, "marginal_persist", "marginal_shared"]))  # the default once each
+
 
 def _label(case: str, seed: int, mixed: bool) -> str:
     return f"{case}{' (mixed chunks)' if mixed else ''}, seed {seed}"
@@ -108,7 +110,7 @@ def table(found: list[dict], rows: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", default=POINTS, help="case|seed|mixed (0/1)|efficiency factor, ';'-separated")
-    ap.add_argument("--compare", default=f"{DEFAULT_RULE},marginal_persist,marginal_shared", help="the rules judged")
+    ap.add_argument("--compare", default=COMPARE, help="the rules judged")
     ap.add_argument("--delays", default="1,2,3", help="event delays, ms")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--name", default="sim_nuisance")

@@ -26,6 +26,7 @@ __all__ = [
     "RankView",
     "Rule",
     "RuleSpec",
+    "kv_excess",
     "kv_room_wait",
     "rule_by_name",
     "rule_help",
@@ -541,30 +542,38 @@ class MarginalShared(MarginalPersist):
 
     def choose(self, view: RankView, rotation: int) -> Choice:
         c = super().choose(view, rotation)
-        if view.decode_tokens_per_request and self._evens(view):
+        if view.decode_tokens_per_request and self._stem_with_room(view):
             self.trips["shared_stem"] += 1  # decisions priced with the whole decode cost above the mean
         return c
 
     @staticmethod
-    def _evens(view: RankView) -> bool:
-        """Whether the request's whole hit is a shared stem and every rank has KV room for it."""
+    def _stem_with_room(view: RankView) -> bool:
+        """Whether the request's whole hit is a shared stem and every rank's pool has room for it
+        (pools not reported: room)."""
         if view.stem < max(view.cached):  # a context of its own past the stem (also: no stem, something cached)
             return False
-        n = view.prompt_len
-        return not any(cap and kv + n > cap for kv, cap in zip(view.kv_tokens, view.max_kv_tokens, strict=False))
+        n, caps = view.prompt_len, view.max_kv_tokens or [0] * len(view.kv_tokens)
+        return not any(kv_excess(n, kv, cap) for kv, cap in zip(view.kv_tokens, caps, strict=True))
 
     def decode_terms(self, view: RankView, batch: Sequence[float]) -> Iterable[float] | None:
-        if not self._evens(view):
+        if not self._stem_with_room(view):
             return MarginalRoomTimed.decode_terms(self, view, batch)
         return super().decode_terms(view, batch)
+
+
+def kv_excess(prompt: int, kv: int, cap: int) -> int:
+    """Tokens one rank's pool is short of for the request: what its requests hold and are queued
+    with (SGLang's num_total_tokens) plus the whole prompt, past the pool (0: room, or no pool
+    reported). The one room test of `marginal_room`'s wait and `marginal_shared`'s gate."""
+    return kv + prompt - cap if cap and kv + prompt > cap else 0
 
 
 def kv_room_wait(horizon: float, prompt: int, kv: int, cap: int, queued: int) -> float | None:
     """`marginal_room`'s estimate of one rank's wait for KV pages, in prefill tokens, before its
     exemption (None: the rank has room). Apart so `benchmarks/sim_room_estimate.py` sets the
     estimate against the waits that happened."""
-    excess = kv + prompt - cap
-    if not cap or excess <= 0:
+    excess = kv_excess(prompt, kv, cap)
+    if not excess:
         return None
     held = min(kv, cap)
     # the pages free up while the queue ahead drains: only the wait past it is extra
