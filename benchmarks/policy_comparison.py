@@ -7,8 +7,10 @@ Every configuration serves the same two DP ranks of the built-in `bench` model (
   * the real SGLang gateway (PyPI `sglang-router`, policy cache_aware, its default thresholds) in
     front of two dp=1 SGLang servers, one core each.
 Workloads (sglang_kvmul.sim.workloads, shrunk by `token_scale` to fit two CPU cores): the real
-Mooncake conversation trace, agentic sessions shaped by TraceLab, API system prompts.
-Each configuration starts once, is warmed up (one request per rank, then the cache is flushed),
+Mooncake conversation trace, agentic sessions shaped by TraceLab, API system prompts (short and
+long outputs).
+Each configuration starts once, is warmed up (one request per rank, then the cache is flushed;
+with `--warm-measure` also run until our controller has measured the decode cost, `warm_measure`),
 and replays the workloads in turn with a cache flush between them. All DP-controller runs use the
 same blocking controller loop (`KvmulSettings.poll_all_methods`; stock 0.5.23 spins a core).
 Per-rank request split: SGLang's own per-rank `queue_time_seconds` counts (`--enable-metrics`);
@@ -30,6 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +76,7 @@ RULES = tuple(  # the default; marginal_chunked, marginal_turnover, ... marginal
 )
 STOCK = ("round_robin", "total_requests", "total_tokens")
 GATEWAY = "gateway_cache_aware"
+LOGGED = ("decode_tokens_per_request", "trips_shared_stem", "trips_room_priced")  # progress lines show these
 HEADLINE = ("round_robin", "total_requests", GATEWAY)  # the issue's "kvmul must beat" set
 
 WORKLOADS: dict[str, Callable[[float], list[workloads.TraceRequest]]] = {
@@ -97,6 +101,13 @@ WORKLOADS: dict[str, Callable[[float], list[workloads.TraceRequest]]] = {
     # 12 system prompts of ~375 tokens (Zipf), 3 questions per second, 60 questions
     "api": lambda s: workloads.api(
         requests=60, system_prompts=12, rate=3.0, token_scale=2 * s, output_scale=s / 2, vocab=VOCAB
+    ),
+    # the same system prompts, 120 questions at 1 per second with outputs 8x longer (~38 tokens), about
+    # the CPU server's decode capacity (4/s ran 3x over it): every pool has room for every prompt, and
+    # the decode steps let the controller measure D, so marginal_shared's stem term prices the
+    # decisions (a question's cached prefix is its system prompt, a shared stem)
+    "api_long": lambda s: workloads.api(
+        requests=120, system_prompts=12, rate=1.0, token_scale=2 * s, output_scale=4 * s, vocab=VOCAB
     ),
 }  # fmt: skip
 
@@ -170,6 +181,38 @@ def warm_up(dep: Deployment, prompt_len: int) -> None:
             if len(dep.workers) == 1:
                 body["routed_dp_rank"] = rank
             requests.post(w.url + "/generate", json=body, timeout=300).raise_for_status()
+    flush(dep)
+
+
+def warm_measure(dep: Deployment, prompt_len: int = 1100, outputs: tuple[int, ...] = (48, 96, 144, 192)) -> None:
+    """Run each rank long enough for the controller to measure its decode cost, then empty the caches.
+
+    The controller measures D and L (`core.decode_cost`) from a server's start, and only once the
+    ranks have prefilled MIN_TOKENS_FOR_SPEED tokens and run MIN_DECODE_STEPS_FOR_SLOPE decode steps
+    (pooled). A production server passed that long ago; a replay of a hundred short requests on a CPU
+    server may never reach it, and then every rule that prices decodes decides as if they cost
+    nothing. Two waves per rank of len(outputs) cold prompts sent together, their outputs of
+    different lengths so the batch shrinks step by step (a slope needs batch sizes that differ);
+    each wave stays within a 8000-token pool. Every configuration gets it, ours or not. The figures
+    are cumulative, so these outputs (up to 192 tokens) weigh in: on `api_long` (38-token outputs) D
+    read 498-681 prefill tokens a request when the replay began and 155-186 at its end."""
+    rng = np.random.default_rng(54321)
+    targets = [(w, r if len(dep.workers) == 1 else None) for w in dep.workers for r in range(len(w_ranks(w)))]
+    with ThreadPoolExecutor(len(targets) * len(outputs)) as pool:
+        for _wave in range(2):
+            bodies = []
+            for w, rank in targets:
+                for n in outputs:
+                    body = {
+                        "input_ids": rng.integers(3, VOCAB, prompt_len).tolist(),
+                        "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
+                    }
+                    if rank is not None:
+                        body["routed_dp_rank"] = rank
+                    bodies.append((w.url, body))
+            futures = [pool.submit(requests.post, url + "/generate", json=b, timeout=600) for url, b in bodies]
+            for f in futures:
+                f.result().raise_for_status()
     flush(dep)
 
 
@@ -313,6 +356,7 @@ def run_workload(
         "controller": {
             k: v - gauges_before.get(k, 0.0) if k.startswith("trips_") else v for k, v in controller_gauges(dep).items()
         },
+        "controller_at_start": {k: v for k, v in gauges_before.items() if not k.startswith("trips_")},
         "against_product": against_product(decisions),
         "ttft_samples": ttft,
         "tpot_samples": tpot,
@@ -560,6 +604,9 @@ def main() -> None:
     ap.add_argument("--sample-s", type=float, default=0.5, help="per-rank load sampling period")
     ap.add_argument("--model", default="bench", help="built-in model shape (tiny_model.SHAPES)")
     ap.add_argument("--reps", type=int, default=1, help="repetitions (order reversed on odd ones)")
+    ap.add_argument(
+        "--warm-measure", action="store_true", help="before the workloads, run each rank until D is measured"
+    )
     ap.add_argument("--append", action="store_true", help="add these repetitions to the saved results")
     ap.add_argument("--render", action="store_true", help="only redraw tables/plots from saved summaries")
     ap.add_argument(
@@ -604,6 +651,8 @@ def main() -> None:
         for cfg in cfgs if rep % 2 == 0 else cfgs[::-1]:
             with deploy(cfg, model, args.pool, work) as dep:
                 warm_up(dep, 256)
+                if args.warm_measure:
+                    warm_measure(dep)
                 for wl in wls:
                     bar.set_postfix_str(f"rep {rep}: {cfg.name} / {wl}")
                     r = run_workload(dep, cfg, wl, traces[wl], model, RESULTS / dirs[wl], args.sample_s, rep)
@@ -612,6 +661,7 @@ def main() -> None:
                         f"{cfg.name:>20} {wl:>8}: TTFT mean {r['ttft_ms']['mean']:.0f} ms, "
                         f"P99 {r['ttft_ms']['p99']:.0f}, hit {r['hit_ratio']:.3f}, "
                         f"split {[round(x) for x in r['requests_per_rank']]}"
+                        + "".join(f", {k} {v:.0f}" for k, v in r["controller"].items() if k in LOGGED)
                     )
                     bar.update(1)
     bar.close()
