@@ -58,6 +58,7 @@ RULES = tuple(  # the default; marginal_chunked, marginal_turnover, ... marginal
     dict.fromkeys(
         (
             FEATURED,
+            "marginal_room_timed",
             "marginal_shared",
             "marginal_room",
             "marginal_chunked",

@@ -3,8 +3,9 @@ default and the rules it builds on, interleaved in one process so that each term
 ratio measured side by side (this machine is shared and noisy).
 
 Every rank busy and reported: capacities, a measured decode cost, mean batch and output duration,
-a prefill chunk shorter than the prompt, and some ranks' pools short of room for the prompt (about
-one in six), so the default's decode, turnover, chunk and room terms all run.
+a prefill chunk shorter than the prompt, some ranks' pools short of room for the prompt (about
+one in six), and the longest hit a shared stem, so the default's decode, turnover, chunk, room and
+stem-gate terms all run.
 A fresh view per call, as the router builds one per request. Medians over `--repeats` rounds of
 `--calls` decisions, rule order alternating per round.
 Results: benchmarks/results/rule_cost.{json,md,png}.
@@ -28,6 +29,7 @@ RULES = list(
     dict.fromkeys(
         [
             DEFAULT_RULE,
+            "marginal_room_timed",
             "marginal_room",
             "marginal_chunked",
             "marginal_turnover",
@@ -40,10 +42,14 @@ RULES = list(
 
 
 def busy_view(n: int, prompt: int, rng: random.Random) -> RankView:
-    """`n` busy ranks with random caches, queues and batches below their cap; every measured field set."""
+    """`n` busy ranks with random caches, queues and batches below their cap; every measured field set.
+    The longest hit is a shared stem, so the default's stem gate takes its pass over the pools too (and
+    finds one short: the room term runs, the costlier of the two decode terms it chooses between)."""
+    cached = [rng.randrange(0, prompt) for _ in range(n)]
     return RankView(
         prompt_len=prompt,
-        cached=[rng.randrange(0, prompt) for _ in range(n)],
+        cached=cached,
+        stem=max(cached),
         queued=[rng.randrange(0, 200_000) for _ in range(n)],
         running=[rng.randrange(1, 60) for _ in range(n)],
         waiting=[rng.randrange(0, 5) for _ in range(n)],

@@ -40,7 +40,7 @@ POINTS = ";".join([
     "stress_kv_pressure|1|0|1", "sweep_4x|0|0|1",
 ])  # fmt: skip
 
-COMPARE = ",".join(dict.fromkeys([DEFAULT_RULE, "marginal_persist", "marginal_shared"]))  # the default once each
+COMPARE = ",".join(dict.fromkeys([DEFAULT_RULE, "marginal_room_timed", "marginal_persist", "marginal_shared"]))
 
 
 def _label(case: str, seed: int, mixed: bool) -> str:

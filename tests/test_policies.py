@@ -303,14 +303,13 @@ def test_marginal_room_counts_the_decisions_where_its_term_ran():
 
 
 def test_marginal_room_timed_prices_every_term_and_the_room_wait_in_each_ranks_time():
-    """The default: with the ranks measuring alike it is marginal_room exactly; with a measured
+    """The default of stops 31-36: with the ranks measuring alike it is marginal_room exactly; with a measured
     spread each rank's cost, the room wait included, is times its slowdown, and each decision counts
     its trips once (the speed check replays the decision in tokens without tripping the room term
     again)."""
     base = view(cached=(4000, 0), running=(10, 10), kv=(100_000, 50_000), prompt=10_000, max_kv=(100_000, 100_000))
     short = dataclasses.replace(base, chunk_tokens=8192, decode_output_tokens=2_000_000.0)
     rule, room = rule_by_name("marginal_room_timed"), rule_by_name("marginal_room")
-    assert rule_by_name(DEFAULT_RULE).name == "marginal_room_timed"
     assert rule.costs(short) == room.costs(short) == pytest.approx([6000 * 11 + 200_000, 10_000 * 11])
     assert rule.choose(short, 0) == room.choose(short, 0)
     slow = dataclasses.replace(short, rank_slowdown=(1.5, 0.5))
@@ -347,7 +346,7 @@ def test_marginal_persist_prices_a_batch_above_the_mean_at_the_whole_decode_cost
 
 
 def test_marginal_shared_moves_a_request_off_a_shared_stem_but_not_off_its_own_context():
-    """The persist test's hot rank, twice. Cached to the stem (16000 tokens that other prompts
+    """The default rule. The persist test's hot rank, twice. Cached to the stem (16000 tokens that other prompts
     branch from: a shared document), the request is `marginal_persist`'s and goes to rank 1, copying
     a prefix the next requests for it use too; that decision counts one `shared_stem` trip. Cached
     past the stem (stem 6000: a session's own 10000 tokens on top of a system prompt), it is
@@ -361,6 +360,7 @@ def test_marginal_shared_moves_a_request_off_a_shared_stem_but_not_off_its_own_c
     )  # fmt: skip
     names = ("marginal_room_timed", "marginal_persist", "marginal_shared")
     room_timed, persist, rule = map(rule_by_name, names)
+    assert rule_by_name(DEFAULT_RULE).name == "marginal_shared"
     shared = dataclasses.replace(hot, stem=16000)
     assert rule.costs(shared) == pytest.approx(persist.costs(shared))
     assert rule.choose(shared, 0).rank == 1 and rule.trips["shared_stem"] == 1

@@ -35,7 +35,7 @@ __all__ = [
 
 # The rule `--load-balance-method kvmul` routes with unless `--kvmul-policy` names another (issue #14:
 # `benchmarks/results/sim/sim_tally.md`); the paper's product stays selectable as `kvmul`.
-DEFAULT_RULE = "marginal_room_timed"
+DEFAULT_RULE = "marginal_shared"
 
 
 class CostRule:
@@ -452,7 +452,8 @@ class MarginalRoomTimed(MarginalRoom, MarginalTimed):
     """`marginal_room` in time: where the ranks measure different speeds (`marginal_timed`'s
     slowdown), every term of a rank, its wait for KV room included, times that rank's slowdown (its
     pages free up at its pace too). Where the ranks measure alike it is `marginal_room` exactly. No
-    weight: the slowdown is SGLang's own step times.
+    weight: the slowdown is SGLang's own step times. The default of stops 31-36; `marginal_shared`,
+    the default since, is it wherever the request's hit is not a shared stem or a pool is short.
 
     What it addresses (simulated, 16 ranks, `sim_tally.md`): within the bar on 43 of the 68 points
     against `marginal_room`'s 42, and on one point no rule met before: Mooncake on Qwen3-30B-A3B
@@ -532,7 +533,14 @@ class MarginalShared(MarginalPersist):
     suffixes at double efficiency, TPOT 1.06-1.17 -> 0.88-0.95 over the gate; long outputs at half
     efficiency, 1.05 -> 0.97) and decides KV pressure as the default does (seed 1 met at every delay;
     without the room gate its P99 reached 1.07 over the gate, met at 1 of 3 delays). It gives up
-    Mooncake 7B at double efficiency (TPOT 1.00-1.02 over the gate, the default's 0.99-1.00)."""
+    Mooncake 7B at double efficiency (TPOT 1.00-1.02 over the gate, `marginal_room_timed`'s 0.99-1.00).
+
+    The default since stop 37. On the real CPU server (`policy_comparison.py`, two repetitions each
+    against `marginal_room_timed`): on API system prompts with pools to spare (`api_long-shared`)
+    the stem term priced 105-106 of 120 decisions a repetition and the two tied within the runs'
+    spread (mean TTFT 1489 against 1462 ms, per-repetition means 1315-1640; TPOT 134 against 138 ms);
+    under KV pressure (`agentic_kv_long-shared`) the room gate held on every decision, so it decided
+    as `marginal_room_timed` does."""
 
     name = "marginal_shared"
 
@@ -787,7 +795,7 @@ REGISTRY: dict[str, RuleSpec] = {
         ),
         RuleSpec(
             "marginal_room_timed",
-            "marginal_room, in time on ranks that measure different speeds; the default",
+            "marginal_room, in time on ranks that measure different speeds; the default of stops 31-36",
             _plain(MarginalRoomTimed),
         ),
         RuleSpec(
@@ -797,7 +805,8 @@ REGISTRY: dict[str, RuleSpec] = {
         ),
         RuleSpec(
             "marginal_shared",
-            "marginal_persist's decode term where the whole cached prefix is a shared stem and every pool has room",
+            "marginal_persist's decode term where the whole cached prefix is a shared stem and every pool has room;"
+            " the default",
             _plain(MarginalShared),
         ),
         RuleSpec("kvmul_excess", "the product on queues in excess of the shortest", _plain(KvmulExcess)),
