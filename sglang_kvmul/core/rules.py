@@ -547,6 +547,9 @@ class MarginalShared(MarginalPersist):
     def __init__(self) -> None:
         super().__init__()
         self.trips["shared_stem"] = 0  # shown as 0, not absent, until D is measured and a stem decides
+        # the last view's gate: a decision reads it in its costs (once more in the timed rule's replay
+        # in tokens) and in `choose`, and each read would take a pass over the ranks' pools
+        self._gate: tuple[RankView | None, bool] = (None, False)
 
     def choose(self, view: RankView, rotation: int) -> Choice:
         c = super().choose(view, rotation)
@@ -554,14 +557,19 @@ class MarginalShared(MarginalPersist):
             self.trips["shared_stem"] += 1  # decisions priced with the whole decode cost above the mean
         return c
 
-    @staticmethod
-    def _stem_with_room(view: RankView) -> bool:
+    def _stem_with_room(self, view: RankView) -> bool:
         """Whether the request's whole hit is a shared stem and every rank's pool has room for it
         (pools not reported: room)."""
+        seen, gate = self._gate
+        if seen is view:
+            return gate
         if view.stem < max(view.cached):  # a context of its own past the stem (also: no stem, something cached)
-            return False
-        n, caps = view.prompt_len, view.max_kv_tokens or [0] * len(view.kv_tokens)
-        return not any(kv_excess(n, kv, cap) for kv, cap in zip(view.kv_tokens, caps, strict=True))
+            gate = False
+        else:
+            n, caps = view.prompt_len, view.max_kv_tokens or [0] * len(view.kv_tokens)
+            gate = not any(kv_excess(n, kv, cap) for kv, cap in zip(view.kv_tokens, caps, strict=True))
+        self._gate = (view, gate)
+        return gate
 
     def decode_terms(self, view: RankView, batch: Sequence[float]) -> Iterable[float] | None:
         if not self._stem_with_room(view):
