@@ -292,3 +292,57 @@ def test_room_term_spares_a_cached_session_and_prices_a_full_pool_for_a_new_prom
     assert exempt["room_exempt"] == before["room_exempt"] + 1 and exempt["room_priced"] == before["room_priced"]
     assert d["room-fresh"]["rank"] == 1
     assert after["room_priced"] == before["room_priced"] + 1 and after["room_exempt"] == exempt["room_exempt"]
+
+
+def _vary_decode_batches(server, tag: str) -> None:
+    """Until D is measured: past the thresholds (`_measure_decode_costs`), then requests decoding
+    together with outputs of different lengths on each rank, so the batches shrink step by step and
+    the step time's slope on batch size can be fitted (sequential requests all decode at batch 1)."""
+    if server.metric_total("kvmul_decode_output_tokens") == 0:
+        _measure_decode_costs(server, f"{tag}-warm")
+    rng = random.Random(12)
+    for attempt in range(3):
+        if server.metric_total("kvmul_decode_tokens_per_request") > 0:
+            return
+        with ThreadPoolExecutor(6) as pool:
+            calls = [
+                pool.submit(server.generate, ids(rng, 64), f"{tag}-{attempt}-{rank}-{n}", n, routed_dp_rank=rank)
+                for rank in (0, 1)
+                for n in (16, 32, 64)
+            ]
+            assert all(c.result().status_code == 200 for c in calls)
+        deadline = time.monotonic() + 10
+        while server.metric_total("kvmul_decode_tokens_per_request") == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)  # polling interval: snapshots arrive on their own
+    assert server.metric_total("kvmul_decode_tokens_per_request") > 0, "no decode cost after batches of 3, 2, 1"
+
+
+def test_default_rule_prices_a_shared_system_prompt_by_its_stem(kvmul_server):
+    """The default's stem term on the real server, its inputs SGLang's own: the stem from the mirror
+    of the ranks' KV events, the room from their pool figures, D from their step times. Two
+    questions pinned to rank 0 after one system prompt make that prompt a stem (the cache branches
+    there). A third question's whole hit is the stem, every pool has room and D is measured, so the
+    stem term prices its decision: one `shared_stem` trip. A turn that extends a prompt cached once
+    (a session's own context, no branch) is priced as `marginal_room_timed` prices it: none."""
+    _vary_decode_batches(kvmul_server, "stem-d")
+    rng = random.Random(13)
+    system, context = ids(rng, 600), ids(rng, 600)
+    questions = [[3 + i, *ids(rng, 20)] for i in range(3)]  # first tokens differ: the cache branches
+    for i in range(2):
+        resp = kvmul_server.generate(system + questions[i], rid=f"stem-q{i}", routed_dp_rank=0)
+        assert resp.status_code == 200, resp.text
+    assert kvmul_server.generate(context, rid="stem-own", routed_dp_rank=0).status_code == 200
+    deadline = time.monotonic() + 30
+    while kvmul_server.metric("kvmul_inflight_prompts").get("0", 0) > 0:  # all three in rank 0's mirror
+        assert time.monotonic() < deadline, "the pinned prompts' events never reached the mirror"
+        time.sleep(0.05)  # polling interval
+    kvmul_server.wait_quiet()
+    before = _trips(kvmul_server)
+    assert kvmul_server.generate(system + questions[2], rid="stem-q2").status_code == 200
+    priced = _trips(kvmul_server)
+    assert kvmul_server.generate(context + ids(rng, 20), rid="stem-own-turn").status_code == 200
+    after = _trips(kvmul_server)
+    d = kvmul_server.decisions()
+    assert d["stem-q2"]["cached"][0] == len(system) and d["stem-own-turn"]["cached"][0] == len(context)
+    assert priced["shared_stem"] == before["shared_stem"] + 1, (d["stem-q2"], before, priced)
+    assert after["shared_stem"] == priced["shared_stem"], d["stem-own-turn"]
