@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -170,18 +170,29 @@ def deploy(cfg: Config, model: Path, pool: int, work: Path) -> Iterator[Deployme
         yield Deployment(gw.url, workers)
 
 
-def warm_up(dep: Deployment, prompt_len: int) -> None:
-    """First-call costs on every rank, then empty caches (unrelated random prompts)."""
-    rng = np.random.default_rng(12345)
+def cold_requests(
+    dep: Deployment, rng: np.random.Generator, prompt_len: int, outputs: Sequence[int]
+) -> list[tuple[str, dict]]:
+    """Per rank, one unrelated random prompt per output length: (server URL, /generate body), the rank
+    pinned where one server holds them all."""
+    out = []
     for w in dep.workers:
         for rank in range(len(w_ranks(w))):
-            body = {
-                "input_ids": rng.integers(3, VOCAB, prompt_len).tolist(),
-                "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True},
-            }
-            if len(dep.workers) == 1:
-                body["routed_dp_rank"] = rank
-            requests.post(w.url + "/generate", json=body, timeout=300).raise_for_status()
+            for n in outputs:
+                body = {
+                    "input_ids": rng.integers(3, VOCAB, prompt_len).tolist(),
+                    "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
+                }
+                if len(dep.workers) == 1:
+                    body["routed_dp_rank"] = rank
+                out.append((w.url, body))
+    return out
+
+
+def warm_up(dep: Deployment, prompt_len: int) -> None:
+    """First-call costs on every rank, then empty caches (unrelated random prompts)."""
+    for url, body in cold_requests(dep, np.random.default_rng(12345), prompt_len, (4,)):
+        requests.post(url + "/generate", json=body, timeout=300).raise_for_status()
     flush(dep)
 
 
@@ -198,22 +209,11 @@ def warm_measure(dep: Deployment, prompt_len: int = 1100, outputs: tuple[int, ..
     are cumulative, so these outputs (up to 192 tokens) weigh in: on `api_long` (38-token outputs) D
     read 498-681 prefill tokens a request when the replay began and 155-186 at its end."""
     rng = np.random.default_rng(54321)
-    targets = [(w, r if len(dep.workers) == 1 else None) for w in dep.workers for r in range(len(w_ranks(w)))]
-    with ThreadPoolExecutor(len(targets) * len(outputs)) as pool:
-        for _wave in range(2):
-            bodies = []
-            for w, rank in targets:
-                for n in outputs:
-                    body = {
-                        "input_ids": rng.integers(3, VOCAB, prompt_len).tolist(),
-                        "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
-                    }
-                    if rank is not None:
-                        body["routed_dp_rank"] = rank
-                    bodies.append((w.url, body))
-            futures = [pool.submit(requests.post, url + "/generate", json=b, timeout=600) for url, b in bodies]
-            for f in futures:
-                f.result().raise_for_status()
+    for _wave in range(2):
+        wave = cold_requests(dep, rng, prompt_len, outputs)
+        with ThreadPoolExecutor(len(wave)) as pool:  # sent together: a wave is the batches
+            for resp in pool.map(lambda req: requests.post(req[0] + "/generate", json=req[1], timeout=600), wave):
+                resp.raise_for_status()
     flush(dep)
 
 
