@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -307,11 +307,14 @@ def collect(args: argparse.Namespace) -> list[dict]:
     return run_or_reuse(_specs(args), args.reuse, args.workers, "diagnosis")
 
 
-def run_or_reuse(specs: list[dict], reuse: str | None, workers: int, desc: str) -> list[dict]:
-    """The rows of `specs`: those the named earlier results (`reuse`) already have, the others simulated."""
+def run_or_reuse(
+    specs: list[dict], reuse: str | None, workers: int, desc: str, fn: Callable[[dict], dict] | None = None
+) -> list[dict]:
+    """The rows of `specs`: those the named earlier results (`reuse`) already have, the others simulated
+    (by `fn`, default `sim_experiments.run`)."""
     reused = _reused(reuse, specs) if reuse else []
     done = {_key(r) for r in reused}
-    return reused + sx.run_all([s for s in specs if _key(s) not in done], workers, desc)
+    return reused + sx.run_all([s for s in specs if _key(s) not in done], workers, desc, fn)
 
 
 def main() -> None:

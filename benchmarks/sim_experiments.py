@@ -74,8 +74,8 @@ def scaled_cost(profile: str, scale: dict | None):
     return cost
 
 
-def run(spec: dict) -> dict:
-    """One simulation -> its summary row (runs in a pool worker; workloads cached per worker)."""
+def simulate(spec: dict) -> tuple[Simulation, list, float]:
+    """One simulation: the simulation, its finished requests and its wall time (workloads cached per worker)."""
     work = _workload(spec["workload"], json.dumps(spec["params"], sort_keys=True))
     rank = RankConfig(**spec.get("rank", {}))
     # `event_delay_s` (`sim_nuisance`): how long KV events and snapshots take to reach the router
@@ -84,7 +84,16 @@ def run(spec: dict) -> dict:
     t0 = time.perf_counter()
     sim = Simulation(cfg, scaled_cost(spec["profile"], spec.get("scale")), speeds=spec.get("speeds"))
     reqs = sim.run(work)
-    wall = time.perf_counter() - t0
+    return sim, reqs, time.perf_counter() - t0
+
+
+def run(spec: dict) -> dict:
+    """One simulation -> its summary row (runs in a pool worker)."""
+    return summarize(spec, *simulate(spec))
+
+
+def summarize(spec: dict, sim: Simulation, reqs: list, wall: float) -> dict:
+    """A simulation's summary row: the spec, TTFT / TPOT statistics, where the time went, the router's figures."""
     ttft = np.array([r.first_token - r.arrival for r in reqs]) * 1e3
     tpot = np.array([(r.finish - r.first_token) / (r.output_len - 1) for r in reqs if r.output_len > 1]) * 1e3
     work_per_rank = np.zeros(spec["ranks"])
@@ -147,10 +156,11 @@ def attribution(reqs: list) -> dict:
     }
 
 
-def run_all(specs: list[dict], workers: int, desc: str) -> list[dict]:
+def run_all(specs: list[dict], workers: int, desc: str, fn: Callable[[dict], dict] | None = None) -> list[dict]:
+    """`fn` (default `run`, a module-level function: it goes to the pool's workers) over `specs`, with progress."""
     rows = []
     with Pool(workers, maxtasksperchild=8) as pool:
-        for row in tqdm(pool.imap_unordered(run, specs), total=len(specs), desc=desc):
+        for row in tqdm(pool.imap_unordered(fn or run, specs), total=len(specs), desc=desc):
             rows.append(row)
             tqdm.write(
                 f"{row['workload']} {row['rule']} x{row.get('load', 1):g} "
