@@ -28,15 +28,18 @@ RULES = [sd.CANDIDATES[0], "marginal_room_timed", "kvmul", *sd.BASELINES]
 def census(spec: dict) -> dict:
     """One run's summary row plus its cold requests and what its slowest 1% is made of (a pool worker)."""
     sim, reqs, wall = sx.simulate(spec)
-    row = sx.summarize(spec, sim, reqs, wall)
-    speeds = spec.get("speeds") or [1.0] * spec["ranks"]
+    return {**sx.summarize(spec, sim, reqs, wall), **cold_counts(reqs, spec.get("speeds"))}
+
+
+def cold_counts(reqs: list, speeds: list[float] | None) -> dict:
+    """The requests with nothing cached on their rank (copies: some rank held part of the prompt when
+    it was routed), those on a rank slower than the fastest, and the slowest 1% (at or above P99)."""
     ttft = np.array([r.first_token - r.arrival for r in reqs]) * 1e3
     cold = np.array([r.cached == 0 for r in reqs])
     copy = cold & np.array([r.best_cached > 0 for r in reqs])
-    slow = np.array([speeds[r.rank] < max(speeds) for r in reqs])
+    slow = np.array([speeds[r.rank] < max(speeds) for r in reqs]) if speeds else np.zeros(len(reqs), bool)
     tail = ttft >= np.percentile(ttft, 99)
     return {
-        **row,
         "cold": int(cold.sum()),
         "cold_copies": int(copy.sum()),
         "cold_on_slower": int((cold & slow).sum()),
@@ -67,8 +70,8 @@ def main() -> None:
             md.append(
                 f"| {case}, seed {seed} | {r['rule']} | {r['ttft_p99_ms']:.1f} ({r['ttft_p99_ms'] / best:.2f}) "
                 f"| {r['ttft_mean_ms']:.2f} | {r['tpot_mean_ms']:.2f} | {r['cold']} ({r['cold_copies']}, "
-                f"{r['cold_on_slower']}) | {r['tail_requests']} ({r['tail_cold']}) | {r['cold_ttft_p50_ms']:.1f} "
-                f"| {r['warm_ttft_p99_ms']:.1f} |"
+                f"{r['cold_on_slower']}) | {r['tail_requests']} ({r['tail_cold']}) | {_ms(r['cold_ttft_p50_ms'])} "
+                f"| {_ms(r['warm_ttft_p99_ms'])} |"
             )
     _plot(rows, points, args.name)
     write_results(f"sim/{args.name}", __doc__, {"config": vars(args), "rows": rows}, "\n".join(md))
@@ -96,10 +99,15 @@ def _verdicts(rows: list[dict], points: list[tuple[str, int]]) -> list[str]:
             f"- {case}, seed {seed}: `{RULES[0]}` P99 {ours['ttft_p99_ms']:.1f} ms, "
             f"{ours['ttft_p99_ms'] / best['ttft_p99_ms']:.2f}x `{best['rule']}`'s; cold requests "
             f"{ours['cold']} ({ours['cold_copies']} copies) against {best['cold']} ({best['cold_copies']}), "
-            f"slowest 1% {ours['tail_requests']}; the warm requests' P99 {ours['warm_ttft_p99_ms']:.1f} "
-            f"against {best['warm_ttft_p99_ms']:.1f} ms; a cold request's median TTFT {ours['cold_ttft_p50_ms']:.1f} ms"
+            f"slowest 1% {ours['tail_requests']}; the warm requests' P99 {_ms(ours['warm_ttft_p99_ms'])} "
+            f"against {_ms(best['warm_ttft_p99_ms'])} ms; a cold request's median TTFT "
+            f"{_ms(ours['cold_ttft_p50_ms'])} ms"
         )
     return out
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
 
 
 def _plot(rows: list[dict], points: list[tuple[str, int]], name: str) -> None:

@@ -9,6 +9,7 @@ from benchmarks import sim_frontier as frontier
 from benchmarks import sim_nuisance as nuisance
 from benchmarks import sim_room_estimate as room_estimate
 from benchmarks.policy_comparison import against_product
+from benchmarks.sim_cold_tail import cold_counts
 from benchmarks.sim_experiments import attribution
 from benchmarks.sim_tally import nobody_meets, trades
 from sglang_kvmul.core.decode_cost import PooledDecodeCost
@@ -38,6 +39,24 @@ def test_the_slowest_percent_is_split_into_its_own_causes():
     assert a["tail_behind_kv_ms"] == 1500.0 and a["ttft_behind_kv_ms"] == 15.0  # 3 s of 8 s queueing, one request
     assert (a["tail_prompt_tokens"], a["tail_uncached_tokens"]) == (70_000, 65_000)
     assert a["ttft_queue_ms"] < 60  # the means are still over everyone
+
+
+def test_the_cold_census_splits_first_uses_from_copies_and_counts_them_in_the_slowest_percent():
+    # 196 warm requests on rank 0 (fast) and 4 cold ones: a first use (no rank held the prompt) and
+    # three copies (another rank held it), two of them on the half-speed rank 1; the 2 slowest are cold
+    reqs = [_request(i, 100, 0.01, 0.0, 0.02, cached=96) for i in range(196)]
+    first = _request(196, 100, 0.01, 0.0, 0.5)
+    copies = [_request(197 + i, 100, 0.01, 0.0, 0.04 + 0.3 * (i == 0)) for i in range(3)]
+    for r in copies:
+        r.best_cached = 96
+    for r in (*reqs, first):
+        r.rank = 0
+    for i, r in enumerate(copies):
+        r.rank = 1 if i < 2 else 0
+    c = cold_counts([*reqs, first, *copies], speeds=[1.0, 0.5])
+    assert (c["cold"], c["cold_copies"], c["cold_on_slower"]) == (4, 3, 2)
+    assert (c["tail_requests"], c["tail_cold"]) == (2, 2)  # the first use (0.51 s) and the slow copy (0.35 s)
+    assert round(c["warm_ttft_p99_ms"], 6) == 30.0 and round(c["cold_ttft_p50_ms"], 6) == 200.0  # (50 + 350) / 2
 
 
 def _row(rule: str, ttft: float, tpot: float, p99: float) -> dict:
