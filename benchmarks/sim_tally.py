@@ -18,9 +18,13 @@ from benchmarks import sim_diagnosis as sd
 from benchmarks import sim_experiments as sx
 from benchmarks.common import pyplot, write_results
 
+# the first set holding a point is the one read for it: sim_diagnosis_seeds_12x (every candidate on the 12x
+# sweep's seeds) before sim_diagnosis_seeds_rest (the default, the last one and the product on six cases' seeds)
 SETS = ",".join([
-    "sim_diagnosis", "sim_diagnosis_seeds", "sim_diagnosis_seeds_more", "sim_diagnosis_mixed",
-    "sim_diagnosis_mixed_seeds", "sim_diagnosis_costs", "sim_diagnosis_costs_x2", "sim_diagnosis_costs_x05",
+    "sim_diagnosis", "sim_diagnosis_seeds", "sim_diagnosis_seeds_more", "sim_diagnosis_seeds_12x",
+    "sim_diagnosis_seeds_rest", "sim_diagnosis_seeds_moe", "sim_diagnosis_mixed", "sim_diagnosis_mixed_seeds",
+    "sim_diagnosis_costs", "sim_diagnosis_costs_x2", "sim_diagnosis_seeds_x2", "sim_diagnosis_costs_x05",
+    "sim_cold_tail",
 ])  # fmt: skip
 
 
