@@ -534,6 +534,10 @@ class MarginalShared(MarginalPersist):
     efficiency, 1.05 -> 0.97) and decides KV pressure as the default does (seed 1 met at every delay;
     without the room gate its P99 reached 1.07 over the gate, met at 1 of 3 delays). It gives up
     Mooncake 7B at double efficiency (TPOT 1.00-1.02 over the gate, `marginal_room_timed`'s 0.99-1.00).
+    With the seeds and efficiency variants added at stop 38 (88 points): 53, `marginal_room_timed` 52.
+    Not solved: overload. On the 12x sweep's seeds 1 and 2 its mean TTFT is 1.64 / 1.45x the best
+    baseline's (it gives up cache for queue length), and every marginal rule misses those seeds by
+    TTFT or P99 (README, "Three seeds where one had run").
 
     The default since stop 37. On the real CPU server (`policy_comparison.py`, two repetitions each
     against `marginal_room_timed`): on API system prompts with pools to spare (`api_long-shared`)
