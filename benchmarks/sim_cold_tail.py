@@ -6,8 +6,9 @@ Per run: P99 TTFT against the best baseline's (the linear sweep, Dynamo's rule),
 the cold requests, split into compulsory (no rank held any of the prompt when it was routed: a
 system prompt's first use) and copies (another rank held it: the rule sent the request elsewhere),
 and how many ran on the slower ranks; the slowest 1% (the requests at or above P99) and how many of
-them were cold. Where the cold requests are at least 1% of all, P99 is a cold prefill whatever else
-the rule does; where they are fewer, it is the slowest warm request. The simulator is deterministic:
+them were cold. Where the cold requests are about 1% of all or more, they set P99 (a cold prefill,
+most of all on a slower rank, takes several times a warm request's TTFT); where they are fewer, the
+slowest warm requests do. The simulator is deterministic:
 these are the runs `sim_diagnosis` stores, re-run to count what its rows do not keep. Cost factors:
 the H100 + Qwen2.5-7B roofline, whose efficiency factors are assumed (x0.5, x1, x2 here); the rank
 speeds (half the ranks at 0.5) are the case's.
@@ -114,7 +115,7 @@ def _plot(rows: list[dict], points: list[tuple[str, int]], name: str) -> None:
     """Per point: P99 TTFT against cold requests, one dot per rule, the 1% line dashed."""
     fig, axes = panel_grid(len(points), 3, 4.5, 3.6)
     for ax, (case, seed) in zip(axes, points, strict=True):
-        sub = [r for r in rows if r["case"] == case and r["seed"] == seed]
+        sub = _at(rows, case, seed)
         for r in sub:
             ax.scatter(r["cold"], r["ttft_p99_ms"], **sx._style(r["rule"]))
             ax.annotate(r["rule"], (r["cold"], r["ttft_p99_ms"]), fontsize=6)
