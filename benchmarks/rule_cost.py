@@ -43,8 +43,8 @@ RULES = list(
 
 def busy_view(n: int, prompt: int, rng: random.Random) -> RankView:
     """`n` busy ranks with random caches, queues and batches below their cap; every measured field set.
-    The longest hit is a shared stem, so the default's stem gate takes its pass over the pools too (and
-    finds one short: the room term runs, the costlier of the two decode terms it chooses between)."""
+    The longest hit is a shared stem, so the default's stem gate reads the pools' excess too (and finds
+    one short: the room term runs, the costlier of the two decode terms it chooses between)."""
     cached = [rng.randrange(0, prompt) for _ in range(n)]
     return RankView(
         prompt_len=prompt,

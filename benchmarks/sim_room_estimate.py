@@ -88,9 +88,10 @@ class _Observer:
         if not (horizon and caps and us):
             self.seen.append(None)
             return c
-        n, r = view.prompt_len, c.rank
+        r = c.rank
         waits = [
-            kv_room_wait(horizon, n, kv, cap, q) for kv, cap, q in zip(view.kv_tokens, caps, view.queued, strict=True)
+            kv_room_wait(horizon, x, kv, cap, q)
+            for x, kv, cap, q in zip(view.kv_excess, view.kv_tokens, caps, view.queued, strict=True)
         ]
         w = waits[r]
         if w is None:
@@ -99,7 +100,7 @@ class _Observer:
             group = "all_short"
         else:
             group = "exempt" if view.chunk_tokens and view.cached[r] >= view.chunk_tokens else "priced"
-        whole = kv_room_wait(horizon, n, view.kv_tokens[r], caps[r], 0) or 0.0
+        whole = kv_room_wait(horizon, view.kv_excess[r], view.kv_tokens[r], caps[r], 0) or 0.0
         self.seen.append(_Seen(group, (w or 0.0) * us * 1e-6, whole * us * 1e-6))
         return c
 

@@ -2,6 +2,8 @@
 requests spent their time, and which rules meet the issue's bar at all. Hand-made requests and rows,
 so a wrong split or a wrong verdict shows here and not as a plausible table."""
 
+from dataclasses import replace
+
 import numpy as np
 
 from benchmarks import sim_diagnosis as sd
@@ -151,7 +153,7 @@ def test_the_room_estimate_is_noted_for_the_rank_chosen_and_grouped_as_the_rule_
     # excess 5,000 of 20,000 held over a 4,000-token output: 1,000 tokens (0.1 s); rank 1 less its queue
     assert [(s.group, round(s.estimate_s, 6)) for s in seen] == [("exempt", 0.1), ("priced", 0.05), ("room", 0.0)]
     assert round(seen[1].whole_s, 6) == 0.1  # the same wait with rank 1's queue ahead not taken off
-    full = RankView(**{**view.__dict__, "kv_tokens": [20_000] * 3, "batch": ()})
+    full = replace(view, kv_tokens=[20_000] * 3, batch=())  # a new view: its figures (the excess) its own
     obs = room_estimate._Observer(_Pick(2), speed)
     obs.choose(full, 0)
     assert obs.seen[0].group == "all_short"

@@ -26,7 +26,6 @@ __all__ = [
     "RankView",
     "Rule",
     "RuleSpec",
-    "kv_excess",
     "kv_room_wait",
     "rule_by_name",
     "rule_help",
@@ -417,10 +416,10 @@ class MarginalRoom(MarginalChunked):
         horizon, caps = view.decode_output_tokens, view.max_kv_tokens
         if not horizon or not caps:
             return None, False, False
-        n, chunk = view.prompt_len, view.chunk_tokens
+        chunk = view.chunk_tokens
         out, room, spared = [], False, False
-        for kv, cap, q, c in zip(view.kv_tokens, caps, view.queued, view.cached, strict=True):
-            w = kv_room_wait(horizon, n, kv, cap, q)
+        for x, kv, cap, q, c in zip(view.kv_excess, view.kv_tokens, caps, view.queued, view.cached, strict=True):
+            w = kv_room_wait(horizon, x, kv, cap, q)
             if w is None:
                 out.append(0.0)
                 room = True
@@ -551,9 +550,6 @@ class MarginalShared(MarginalPersist):
     def __init__(self) -> None:
         super().__init__()
         self.trips["shared_stem"] = 0  # shown as 0, not absent, until D is measured and a stem decides
-        # the last view's gate: a decision reads it in its costs (once more in the timed rule's replay
-        # in tokens) and in `choose`, and each read would take a pass over the ranks' pools
-        self._gate: tuple[RankView | None, bool] = (None, False)
 
     def choose(self, view: RankView, rotation: int) -> Choice:
         c = super().choose(view, rotation)
@@ -561,19 +557,12 @@ class MarginalShared(MarginalPersist):
             self.trips["shared_stem"] += 1  # decisions priced with the whole decode cost above the mean
         return c
 
-    def _stem_with_room(self, view: RankView) -> bool:
-        """Whether the request's whole hit is a shared stem and every rank's pool has room for it
-        (pools not reported: room)."""
-        seen, gate = self._gate
-        if seen is view:
-            return gate
-        if view.stem < max(view.cached):  # a context of its own past the stem (also: no stem, something cached)
-            gate = False
-        else:
-            n, caps = view.prompt_len, view.max_kv_tokens or [0] * len(view.kv_tokens)
-            gate = not any(kv_excess(n, kv, cap) for kv, cap in zip(view.kv_tokens, caps, strict=True))
-        self._gate = (view, gate)
-        return gate
+    @staticmethod
+    def _stem_with_room(view: RankView) -> bool:
+        """Whether the request's whole hit is a shared stem (not a context of its own past the stem, nor
+        something cached with no stem) and every rank's pool has room for it (pools not reported: room;
+        the view computes the pools' excess once for this gate and the room term)."""
+        return view.stem >= max(view.cached) and not any(view.kv_excess)
 
     def decode_terms(self, view: RankView, batch: Sequence[float]) -> Iterable[float] | None:
         if not self._stem_with_room(view):
@@ -581,18 +570,10 @@ class MarginalShared(MarginalPersist):
         return super().decode_terms(view, batch)
 
 
-def kv_excess(prompt: int, kv: int, cap: int) -> int:
-    """Tokens one rank's pool is short of for the request: what its requests hold and are queued
-    with (SGLang's num_total_tokens) plus the whole prompt, past the pool (0: room, or no pool
-    reported). The one room test of `marginal_room`'s wait and `marginal_shared`'s gate."""
-    return kv + prompt - cap if cap and kv + prompt > cap else 0
-
-
-def kv_room_wait(horizon: float, prompt: int, kv: int, cap: int, queued: int) -> float | None:
+def kv_room_wait(horizon: float, excess: int, kv: int, cap: int, queued: int) -> float | None:
     """`marginal_room`'s estimate of one rank's wait for KV pages, in prefill tokens, before its
-    exemption (None: the rank has room). Apart so `benchmarks/sim_room_estimate.py` sets the
-    estimate against the waits that happened."""
-    excess = kv_excess(prompt, kv, cap)
+    exemption (None: the rank has room), from its excess (`RankView.kv_excess`). Apart so
+    `benchmarks/sim_room_estimate.py` sets the estimate against the waits that happened."""
     if not excess:
         return None
     held = min(kv, cap)

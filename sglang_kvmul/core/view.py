@@ -47,6 +47,17 @@ class RankView:
     def uncached(self) -> list[int]:
         return list(map(self.prompt_len.__sub__, self.cached))
 
+    @cached_property
+    def kv_excess(self) -> list[int]:
+        """Per rank, the tokens past its KV pool if it took this prompt: what its requests hold and are
+        queued with (SGLang's num_total_tokens) plus the whole prompt, less the pool (0: room, or no
+        pool reported). Computed once per view: `marginal_room`'s wait and `marginal_shared`'s gate
+        both read it."""
+        n, caps = self.prompt_len, self.max_kv_tokens
+        if not caps:
+            return [0] * len(self.kv_tokens)
+        return [kv + n - cap if cap and kv + n > cap else 0 for kv, cap in zip(self.kv_tokens, caps, strict=True)]
+
     # Running + waiting per rank (rules and the router both read it): given by the router, which
     # keeps it current per rank instead of adding two lists on every request; else computed here.
     batch: Sequence[int] = ()
