@@ -374,3 +374,27 @@ def test_marginal_shared_moves_a_request_off_a_shared_stem_but_not_off_its_own_c
     short = dataclasses.replace(roomy, max_kv_tokens=[100000, 17015])
     assert rule.costs(short) == pytest.approx(room_timed.costs(short))
     assert rule.choose(short, 0).rank == 0 and rule.trips["shared_stem"] == 1
+
+
+def test_marginal_behind_counts_the_requests_that_will_queue_behind_a_long_prefill():
+    """A 64k-token prompt cached nowhere. Rank 0 has the shorter queue (12k prefill tokens) but 6
+    requests waiting in it; rank 1 a longer one (30k) with its 10 requests all running. Both
+    batches are 10, so `marginal_shared` prices the pause alike and takes the shorter queue: 12k +
+    64k * 11 against 30k + 64k * 11. Each of rank 0's waiting requests stands for one that will
+    arrive behind the prompt's prefill there, so `marginal_behind` prices rank 0 at 12k + 64k * 17
+    and takes rank 1. Its own slack is one chunk plus the mean queue (8192 + 21k, under the
+    prompt; `marginal_shared`'s is the chunk alone). With nothing waiting anywhere the two rules
+    cost every rank alike."""
+    long = dataclasses.replace(
+        view(cached=(0, 0), queued=(12_000, 30_000), running=(4, 10), waiting=(6, 0), prompt=64_000),
+        chunk_tokens=8192,
+    )
+    shared, rule = rule_by_name("marginal_shared"), rule_by_name("marginal_behind")
+    assert shared.costs(long) == pytest.approx([12_000 + 64_000 * 11, 30_000 + 64_000 * 11])
+    assert shared.choose(long, 0).rank == 0
+    assert rule.costs(long) == pytest.approx([12_000 + 64_000 * 17, 30_000 + 64_000 * 11])
+    assert rule.choose(long, 0).rank == 1
+    assert rule.own_slack(long) == 8192 + 21_000 and shared.own_slack(long) == 8192
+    assert rule.own_slack(dataclasses.replace(long, queued=[200_000, 200_000])) == 64_000  # at most the prompt
+    idle = dataclasses.replace(long, running=[10, 10], waiting=[0, 0], batch=[])
+    assert rule.costs(idle) == pytest.approx(shared.costs(idle))

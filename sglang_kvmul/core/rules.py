@@ -535,8 +535,8 @@ class MarginalShared(MarginalPersist):
     Mooncake 7B at double efficiency (TPOT 1.00-1.02 over the gate, `marginal_room_timed`'s 0.99-1.00).
     With the seeds and efficiency variants added at stop 38 (88 points): 53, `marginal_room_timed` 52.
     Not solved: overload. On the 12x sweep's seeds 1 and 2 its mean TTFT is 1.64 / 1.45x the best
-    baseline's (it gives up cache for queue length), and every marginal rule misses those seeds by
-    TTFT or P99 (README, "Three seeds where one had run").
+    baseline's: its bound sends long cold prompts to the shortest queues, ahead of many short
+    requests (`sim_overload.md`). `marginal_behind` (opt-in) brings that to 1.07 / 0.87x.
 
     The default since stop 37. On the real CPU server (`policy_comparison.py`, two repetitions each
     against `marginal_room_timed`): on API system prompts with pools to spare (`api_long-shared`)
@@ -568,6 +568,44 @@ class MarginalShared(MarginalPersist):
         if not self._stem_with_room(view):
             return MarginalRoomTimed.decode_terms(self, view, batch)
         return super().decode_terms(view, batch)
+
+
+class MarginalBehind(MarginalShared):
+    """`marginal_shared` with the requests that will queue behind this one. Its fresh prefill on a rank
+    also delays every request that arrives there while it waits and prefills; in a queue served in
+    order an arrival leaves behind, on average, as many requests as it found waiting (steady state),
+    so the rank's waiting count estimates them: each uncached token costs batch + 1 + waiting. And
+    the request's own slack in the bound is one chunk past its cached prefix plus the mean queued
+    prefill, at most its prompt: under a backlog the chunk no longer bounds anyone's wait, the
+    backlog does. With empty queues (no one waiting, no backlog) it is `marginal_shared` exactly. No
+    weight: the waiting counts and queues are SGLang's own figures.
+
+    What it addresses: overload. Long cold prompts (a fresh prefill of many chunks, ~5% of the
+    Mooncake sweep's requests, a third of its prefill work) went to the shortest queue, ahead of
+    many short requests, which then all waited (`sim_overload.md`). Counting who waits behind sends
+    them where few requests wait, behind other long ones.
+
+    Simulated, 16 ranks (`sim_tally.md`, the 88 points; stop 39): 53 within the bar, as the
+    default, gaining 5 (the 12x sweep seed 0, the 4x sweep seeds 0 and 2, Mooncake 7B at double
+    efficiency, half-speed ranks at half efficiency seed 1) and losing 5 (KV pressure seed 1 and
+    with mixed chunks seeds 0 and 2, by 0.5-2.3% over a gate; P99 of Mooncake 7B and of the 12x
+    sweep at half efficiency, 1.09 / 1.04 over the gate). Worst mean TTFT over the 88 points 1.19x
+    the best baseline's against the default's 1.64x (the 12x sweep seed 1: 1.64x -> 1.07x; seed 2
+    1.45x -> 0.87x), geometric mean 0.80 against 0.85; TPOT 1.01 / 1.31 against 1.03 / 1.44. Not the
+    default: it ties on the count, and has not run on the real server nor with late KV events."""
+
+    name = "marginal_behind"
+
+    def prefill_costs(self, view: RankView, batch: Sequence[float]) -> list[float]:  # type: ignore[override]
+        """queued + uncached * (batch + 1 + waiting) per rank."""
+        behind = map(add, batch, map((1).__add__, view.waiting))
+        return list(map(add, view.queued, map(mul, view.uncached, behind)))
+
+    def own_slack(self, view: RankView) -> float:
+        n, chunk = view.prompt_len, view.chunk_tokens
+        if not chunk or n <= chunk:  # unchunked, or a prompt within one chunk: no pass over the ranks
+            return n
+        return min(n, chunk + max(view.cached) + sum(view.queued) / len(view.queued))
 
 
 def kv_room_wait(horizon: float, excess: int, kv: int, cap: int, queued: int) -> float | None:
@@ -801,6 +839,11 @@ REGISTRY: dict[str, RuleSpec] = {
             "marginal_persist's decode term where the whole cached prefix is a shared stem and every pool has room;"
             " the default",
             _plain(MarginalShared),
+        ),
+        RuleSpec(
+            "marginal_behind",
+            "marginal_shared, each uncached token also delaying the requests that will queue behind it",
+            _plain(MarginalBehind),
         ),
         RuleSpec("kvmul_excess", "the product on queues in excess of the shortest", _plain(KvmulExcess)),
         RuleSpec("cache_only", "most cached tokens (pure affinity)", _plain(CacheOnly)),
