@@ -53,6 +53,7 @@ CANDIDATES = list(
     dict.fromkeys(
         [
             DEFAULT_RULE,
+            "marginal_behind",
             "marginal_room_timed",
             "marginal_room",
             "marginal_chunked",
