@@ -42,8 +42,8 @@ def census(spec: dict) -> dict:
 
 def size_classes(reqs: list, chunk: int) -> dict:
     """TTFT and time behind a KV-blocked head, for the requests whose fresh prefill (prompt less the
-    most any rank held at routing) is over `LONG_CHUNKS` chunks and for the rest; the long ones'
-    share of requests and of the fresh prefill tokens."""
+    most any rank held at routing) is over `LONG_CHUNKS` chunks and for the rest; how many long ones
+    there are and their share of the fresh prefill tokens."""
     ttft = np.array([r.first_token - r.arrival for r in reqs]) * 1e3
     behind = np.array([r.kv_blocked - r.kv_wait for r in reqs]) * 1e3
     fresh = np.array([len(r.tokens) - r.best_cached for r in reqs])

@@ -13,6 +13,7 @@ from benchmarks import sim_room_estimate as room_estimate
 from benchmarks.policy_comparison import against_product
 from benchmarks.sim_cold_tail import cold_counts
 from benchmarks.sim_experiments import attribution
+from benchmarks.sim_overload import size_classes
 from benchmarks.sim_tally import nobody_meets, trades
 from sglang_kvmul.core.decode_cost import PooledDecodeCost
 from sglang_kvmul.core.rules import Choice, RankView
@@ -59,6 +60,19 @@ def test_the_cold_census_splits_first_uses_from_copies_and_counts_them_in_the_sl
     assert (c["cold"], c["cold_copies"], c["cold_on_slower"]) == (4, 3, 2)
     assert (c["tail_requests"], c["tail_cold"]) == (2, 2)  # the first use (0.51 s) and the slow copy (0.35 s)
     assert round(c["warm_ttft_p99_ms"], 6) == 30.0 and round(c["cold_ttft_p50_ms"], 6) == 200.0  # (50 + 350) / 2
+
+
+def test_the_overload_split_counts_fresh_prefill_not_the_prompt():
+    # chunk 100: a 1,000-token prompt of which a rank held 700 is 300 fresh (not long); a 1,000-token
+    # prompt nobody held is 1,000 fresh (long, over 4 chunks); 98 short ones of 50 fresh tokens
+    held = _request(0, 1000, 0.1, 0.0, 0.1, cached=700)
+    held.best_cached = 700
+    cold = _request(1, 1000, 2.0, 0.0, 1.0, behind_kv=0.5)
+    rest = [_request(2 + i, 50, 0.01, 0.0, 0.01) for i in range(98)]
+    c = size_classes([held, cold, *rest], chunk=100)
+    assert c["long_requests"] == 1 and round(c["long_fresh_share"], 6) == round(1000 / (1000 + 300 + 98 * 50), 6)
+    assert round(c["long_ttft_mean_ms"], 6) == 3000.0 and round(c["long_behind_kv_ms"], 6) == 500.0
+    assert round(c["rest_ttft_mean_ms"], 6) == round((200 + 98 * 20) / 99, 6) and c["rest_behind_kv_ms"] == 0.0
 
 
 def _row(rule: str, ttft: float, tpot: float, p99: float) -> dict:

@@ -602,10 +602,8 @@ class MarginalBehind(MarginalShared):
         return list(map(add, view.queued, map(mul, view.uncached, behind)))
 
     def own_slack(self, view: RankView) -> float:
-        n, chunk = view.prompt_len, view.chunk_tokens
-        if not chunk or n <= chunk:  # unchunked, or a prompt within one chunk: no pass over the ranks
-            return n
-        return min(n, chunk + max(view.cached) + sum(view.queued) / len(view.queued))
+        slack, n = super().own_slack(view), view.prompt_len  # the chunk past the cached prefix, at most n
+        return slack if slack >= n else min(n, slack + sum(view.queued) / len(view.queued))
 
 
 def kv_room_wait(horizon: float, excess: int, kv: int, cap: int, queued: int) -> float | None:
