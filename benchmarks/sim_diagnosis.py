@@ -54,6 +54,7 @@ CANDIDATES = list(
         [
             DEFAULT_RULE,
             "marginal_behind",
+            "marginal_behind_held",
             "marginal_room_timed",
             "marginal_room",
             "marginal_chunked",

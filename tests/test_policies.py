@@ -398,3 +398,34 @@ def test_marginal_behind_counts_the_requests_that_will_queue_behind_a_long_prefi
     assert rule.own_slack(dataclasses.replace(long, queued=[200_000, 200_000])) == 64_000  # at most the prompt
     idle = dataclasses.replace(long, running=[10, 10], waiting=[0, 0], batch=[])
     assert rule.costs(idle) == pytest.approx(shared.costs(idle))
+
+
+def test_marginal_behind_held_does_not_count_kv_waiters_against_the_rank_holding_the_session():
+    """A session's next turn: 20k tokens of its context cached on rank 0, 6k new. Rank 0's pool is
+    short (95k held + the 26k prompt over a 100k pool) and 20 requests wait there for pages; rank 1
+    has room and none waiting. `marginal_behind` counts rank 0's 20 waiters as held up by the 6k new
+    tokens (4k + 6k * (28 + 1 + 20) = 298k against rank 1's 4k + 26k * 9 = 238k) and moves the session,
+    re-prefilling its context; `marginal_behind_held` does not count them on the rank holding a chunk
+    or more of the prompt (4k + 6k * 29 = 178k) and keeps it. With the pools roomy, or the prompt held
+    by less than a chunk, the two cost every rank alike."""
+    turn = dataclasses.replace(
+        view(
+            cached=(20_000, 0),
+            queued=(4_000, 4_000),
+            running=(8, 8),
+            waiting=(20, 0),
+            kv=(95_000, 10_000),
+            prompt=26_000,
+            max_kv=(100_000, 100_000),
+        ),
+        chunk_tokens=8192,
+    )
+    behind, rule = rule_by_name("marginal_behind"), rule_by_name("marginal_behind_held")
+    assert behind.costs(turn) == pytest.approx([4_000 + 6_000 * 49, 4_000 + 26_000 * 9])
+    assert behind.choose(turn, 0).rank == 1
+    assert rule.costs(turn) == pytest.approx([4_000 + 6_000 * 29, 4_000 + 26_000 * 9])
+    assert rule.choose(turn, 0).rank == 0
+    roomy = dataclasses.replace(turn, max_kv_tokens=[200_000, 200_000])
+    assert rule.costs(roomy) == behind.costs(roomy) and rule.choose(roomy, 0).rank == 1
+    thin = dataclasses.replace(turn, cached=[8_000, 0])  # 8k held: less than a chunk
+    assert rule.costs(thin) == pytest.approx(behind.costs(thin))

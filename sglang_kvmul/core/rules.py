@@ -592,18 +592,50 @@ class MarginalBehind(MarginalShared):
     sweep at half efficiency, 1.09 / 1.04 over the gate). Worst mean TTFT over the 88 points 1.19x
     the best baseline's against the default's 1.64x (the 12x sweep seed 1: 1.64x -> 1.07x; seed 2
     1.45x -> 0.87x), geometric mean 0.80 against 0.85; TPOT 1.01 / 1.31 against 1.03 / 1.44. Not the
-    default: it ties on the count, and has not run on the real server nor with late KV events."""
+    default: it ties on the count, and has not run on the real server nor with late KV events. Most of
+    what it loses is KV pressure, which `marginal_behind_held` takes back."""
 
     name = "marginal_behind"
 
+    def behind(self, view: RankView) -> Sequence[int]:
+        """The requests each rank's prefill of this one holds up besides its batch: those waiting there."""
+        return view.waiting
+
     def prefill_costs(self, view: RankView, batch: Sequence[float]) -> list[float]:  # type: ignore[override]
-        """queued + uncached * (batch + 1 + waiting) per rank."""
-        behind = map(add, batch, map((1).__add__, view.waiting))
+        """queued + uncached * (batch + 1 + behind) per rank."""
+        behind = map(add, batch, map((1).__add__, self.behind(view)))
         return list(map(add, view.queued, map(mul, view.uncached, behind)))
 
     def own_slack(self, view: RankView) -> float:
         slack, n = super().own_slack(view), view.prompt_len  # the chunk past the cached prefix, at most n
         return slack if slack >= n else min(n, slack + sum(view.queued) / len(view.queued))
+
+
+class MarginalBehindHeld(MarginalBehind):
+    """`marginal_behind` with the room term's exemption: where some rank's pool is short, the waiting
+    count is not priced on a rank where the request holds one prefill chunk or more of its prompt.
+    With pools short, a rank's waiting requests are mostly waiting for KV pages, not for prefill, and
+    `marginal_room` already prices that wait and spares the rank holding the request's chunk: staying
+    there re-prefills nothing, and the queue it joins waits for pages whichever rank it takes. Counting
+    those waiters as held up by the request's few uncached tokens pushed growing sessions off their
+    contexts. Elsewhere (pools with room, ranks without a chunk of the prompt, unchunked) it is
+    `marginal_behind` exactly. No weight: the chunk, the pools and the waiting counts are SGLang's.
+
+    What it addresses, simulated (16 ranks, `sim_tally.md`, the 88 points; stop 40): `marginal_behind`'s
+    losses under KV pressure: seed 1 TPOT 1.005 -> 0.997 over its gate, with mixed chunks seed 2 mean
+    TTFT 1.008 -> 1.000 (seed 0 stays lost, 1.023 -> 1.035); 55 of 88 within the bar against
+    `marginal_behind`'s and the default's 53 (+2 / -0 against `marginal_behind`, +5 / -3 against the
+    default). It keeps `marginal_behind`'s overload gains but not all of them: the 12x sweep seed 1
+    mean TTFT 1.017 -> 1.118 over the gate (the default 1.563): there the pools are short too, and
+    Mooncake's multi-turn prompts held on a rank kept its waiting count unpriced."""
+
+    name = "marginal_behind_held"
+
+    def behind(self, view: RankView) -> Sequence[int]:
+        chunk = view.chunk_tokens
+        if not chunk or not any(view.kv_excess):
+            return view.waiting
+        return [0 if c >= chunk else w for c, w in zip(view.cached, view.waiting, strict=True)]
 
 
 def kv_room_wait(horizon: float, excess: int, kv: int, cap: int, queued: int) -> float | None:
@@ -842,6 +874,11 @@ REGISTRY: dict[str, RuleSpec] = {
             "marginal_behind",
             "marginal_shared, each uncached token also delaying the requests that will queue behind it",
             _plain(MarginalBehind),
+        ),
+        RuleSpec(
+            "marginal_behind_held",
+            "marginal_behind, with pools short not counting the waiters on a rank holding the request's chunk",
+            _plain(MarginalBehindHeld),
         ),
         RuleSpec("kvmul_excess", "the product on queues in excess of the shortest", _plain(KvmulExcess)),
         RuleSpec("cache_only", "most cached tokens (pure affinity)", _plain(CacheOnly)),
