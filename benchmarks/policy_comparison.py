@@ -60,6 +60,8 @@ RULES = tuple(  # the default; marginal_chunked, marginal_turnover, ... marginal
             FEATURED,
             "marginal_room_timed",
             "marginal_shared",
+            "marginal_behind",
+            "marginal_behind_held",
             "marginal_room",
             "marginal_chunked",
             "marginal_timed",
