@@ -29,6 +29,8 @@ RULES = list(
     dict.fromkeys(
         [
             DEFAULT_RULE,
+            "marginal_shared",
+            "marginal_behind",
             "marginal_room_timed",
             "marginal_room",
             "marginal_chunked",

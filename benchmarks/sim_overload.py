@@ -28,8 +28,13 @@ from benchmarks.common import panel_grid, write_results
 from benchmarks.sim_cold_tail import _at
 from sglang_kvmul.sim.rank import RankConfig
 
-# the default, the candidate, the two slacks before the default's, and the alpha that meets the most of these points
-RULES = [sd.CANDIDATES[0], "marginal_behind", "marginal_chunked", "marginal_turnover", "linear:0.5"]
+# the default, the default before it and the rule it refines, the two slacks before those, and the alpha
+# that meets the most of these points
+RULES = list(
+    dict.fromkeys(
+        [sd.CANDIDATES[0], "marginal_shared", "marginal_behind", "marginal_chunked", "marginal_turnover", "linear:0.5"]
+    )
+)
 LONG_CHUNKS = 4  # a fresh prefill of more than this many chunks counts as long
 
 

@@ -34,7 +34,7 @@ __all__ = [
 
 # The rule `--load-balance-method kvmul` routes with unless `--kvmul-policy` names another (issue #14:
 # `benchmarks/results/sim/sim_tally.md`); the paper's product stays selectable as `kvmul`.
-DEFAULT_RULE = "marginal_shared"
+DEFAULT_RULE = "marginal_behind_held"
 
 
 class CostRule:
@@ -538,12 +538,12 @@ class MarginalShared(MarginalPersist):
     baseline's: its bound sends long cold prompts to the shortest queues, ahead of many short
     requests (`sim_overload.md`). `marginal_behind` (opt-in) brings that to 1.07 / 0.87x.
 
-    The default since stop 37. On the real CPU server (`policy_comparison.py`, two repetitions each
-    against `marginal_room_timed`): on API system prompts with pools to spare (`api_long-shared`)
-    the stem term priced 105-106 of 120 decisions a repetition and the two tied within the runs'
-    spread (mean TTFT 1489 against 1462 ms, per-repetition means 1315-1640; TPOT 134 against 138 ms);
-    under KV pressure (`agentic_kv_long-shared`) the room gate held on every decision, so it decided
-    as `marginal_room_timed` does."""
+    The default of stops 37-39 (`marginal_behind_held` since). On the real CPU server
+    (`policy_comparison.py`, two repetitions each against `marginal_room_timed`): on API system prompts
+    with pools to spare (`api_long-shared`) the stem term priced 105-106 of 120 decisions a repetition
+    and the two tied within the runs' spread (mean TTFT 1489 against 1462 ms, per-repetition means
+    1315-1640; TPOT 134 against 138 ms); under KV pressure (`agentic_kv_long-shared`) the room gate held
+    on every decision, so it decided as `marginal_room_timed` does."""
 
     name = "marginal_shared"
 
@@ -627,7 +627,12 @@ class MarginalBehindHeld(MarginalBehind):
     `marginal_behind`'s and the default's 53 (+2 / -0 against `marginal_behind`, +5 / -3 against the
     default). It keeps `marginal_behind`'s overload gains but not all of them: the 12x sweep seed 1
     mean TTFT 1.017 -> 1.118 over the gate (the default 1.563): there the pools are short too, and
-    Mooncake's multi-turn prompts held on a rank kept its waiting count unpriced."""
+    Mooncake's multi-turn prompts held on a rank kept its waiting count unpriced. Judged at 1, 2 and 3 ms
+    event delays on the ten points it and `marginal_shared` split (`sim_nuisance_held.md`): 7 met at most
+    delays against 6 (+4 / -3); its losses that hold are KV pressure with mixed chunks seed 0 and P99 at
+    half efficiency (Mooncake 7B 1.04-1.13, the 12x sweep 1.01-1.03 over the gate). The default since
+    stop 40 (README, "The default rule"); on the real CPU server's Mooncake overload it tied
+    `marginal_shared` (1,378 against 1,401 ms mean TTFT, repetitions 1,104-1,734)."""
 
     name = "marginal_behind_held"
 

@@ -2,7 +2,7 @@
 
 Every `sglang.launch_server` flag works unchanged; see `launch_args` for the defaults added. Own
 flags: `--kvmul-metrics-port P` (Prometheus metrics of the controller; `--kvmul-metrics-host`,
-default 127.0.0.1) and `--kvmul-policy NAME` (the routing rule; default `marginal_shared`; `kvmul`
+default 127.0.0.1) and `--kvmul-policy NAME` (the routing rule; default `marginal_behind_held`; `kvmul`
 is the paper's product; baselines on the same exact inputs, for comparisons: cache_only,
 load_only, vllm_v1, linear:<alpha>, dynamo, sglang_cache_aware; all in `core.rules.REGISTRY`).
 With `--device cpu`, the CPU compatibility environment is set up first. With kvmul, `/health` and
