@@ -585,15 +585,15 @@ class MarginalBehind(MarginalShared):
     many short requests, which then all waited (`sim_overload.md`). Counting who waits behind sends
     them where few requests wait, behind other long ones.
 
-    Simulated, 16 ranks (`sim_tally.md`, the 88 points; stop 39): 53 within the bar, as the
-    default, gaining 5 (the 12x sweep seed 0, the 4x sweep seeds 0 and 2, Mooncake 7B at double
-    efficiency, half-speed ranks at half efficiency seed 1) and losing 5 (KV pressure seed 1 and
-    with mixed chunks seeds 0 and 2, by 0.5-2.3% over a gate; P99 of Mooncake 7B and of the 12x
-    sweep at half efficiency, 1.09 / 1.04 over the gate). Worst mean TTFT over the 88 points 1.19x
-    the best baseline's against the default's 1.64x (the 12x sweep seed 1: 1.64x -> 1.07x; seed 2
-    1.45x -> 0.87x), geometric mean 0.80 against 0.85; TPOT 1.01 / 1.31 against 1.03 / 1.44. Not the
-    default: it ties on the count, and has not run on the real server nor with late KV events. Most of
-    what it loses is KV pressure, which `marginal_behind_held` takes back."""
+    Simulated, 16 ranks (`sim_tally.md`, the 88 points; stop 39): 53 within the bar, as
+    `marginal_shared` (the default then), gaining 5 (the 12x sweep seed 0, the 4x sweep seeds 0 and 2,
+    Mooncake 7B at double efficiency, half-speed ranks at half efficiency seed 1) and losing 5 (KV
+    pressure seed 1 and with mixed chunks seeds 0 and 2, by 0.5-2.3% over a gate; P99 of Mooncake 7B and
+    of the 12x sweep at half efficiency, 1.09 / 1.04 over the gate). Worst mean TTFT over the 88 points
+    1.19x the best baseline's against `marginal_shared`'s 1.64x (the 12x sweep seed 1: 1.64x -> 1.07x;
+    seed 2 1.45x -> 0.87x), geometric mean 0.80 against 0.85; TPOT 1.01 / 1.31 against 1.03 / 1.44. Not
+    the default: it ties on the count, and has not run on the real server nor with late KV events. Most
+    of what it loses is KV pressure, which `marginal_behind_held` takes back."""
 
     name = "marginal_behind"
 
@@ -613,20 +613,21 @@ class MarginalBehind(MarginalShared):
 
 class MarginalBehindHeld(MarginalBehind):
     """`marginal_behind` with the room term's exemption: where some rank's pool is short, the waiting
-    count is not priced on a rank where the request holds one prefill chunk or more of its prompt.
-    With pools short, a rank's waiting requests are mostly waiting for KV pages, not for prefill, and
+    count is not priced on a rank where the request holds one prefill chunk or more of its prompt. With
+    pools short, a rank's waiting requests are mostly waiting for KV pages, not for prefill, and
     `marginal_room` already prices that wait and spares the rank holding the request's chunk: staying
     there re-prefills nothing, and the queue it joins waits for pages whichever rank it takes. Counting
-    those waiters as held up by the request's few uncached tokens pushed growing sessions off their
-    contexts. Elsewhere (pools with room, ranks without a chunk of the prompt, unchunked) it is
-    `marginal_behind` exactly. No weight: the chunk, the pools and the waiting counts are SGLang's.
+    those waiters as held up by the request's few uncached tokens priced a session's own context as if
+    it were the busy choice (`marginal_behind`'s KV-pressure losses, below). Elsewhere (pools with room,
+    ranks without a chunk of the prompt, unchunked) it is `marginal_behind` exactly. No weight: the
+    chunk, the pools and the waiting counts are SGLang's.
 
     What it addresses, simulated (16 ranks, `sim_tally.md`, the 88 points; stop 40): `marginal_behind`'s
     losses under KV pressure: seed 1 TPOT 1.005 -> 0.997 over its gate, with mixed chunks seed 2 mean
     TTFT 1.008 -> 1.000 (seed 0 stays lost, 1.023 -> 1.035); 55 of 88 within the bar against
-    `marginal_behind`'s and the default's 53 (+2 / -0 against `marginal_behind`, +5 / -3 against the
-    default). It keeps `marginal_behind`'s overload gains but not all of them: the 12x sweep seed 1
-    mean TTFT 1.017 -> 1.118 over the gate (the default 1.563): there the pools are short too, and
+    `marginal_behind`'s and `marginal_shared`'s 53 (+2 / -0 against `marginal_behind`, +5 / -3 against
+    `marginal_shared`). It keeps `marginal_behind`'s overload gains but not all of them: the 12x sweep seed 1
+    mean TTFT 1.017 -> 1.118 over the gate (`marginal_shared` 1.563): there the pools are short too, and
     Mooncake's multi-turn prompts held on a rank kept its waiting count unpriced. Judged at 1, 2 and 3 ms
     event delays on the ten points it and `marginal_shared` split (`sim_nuisance_held.md`): 7 met at most
     delays against 6 (+4 / -3); its losses that hold are KV pressure with mixed chunks seed 0 and P99 at
