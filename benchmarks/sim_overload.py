@@ -1,6 +1,7 @@
-"""Under overload, who waits: the requests with a long fresh prefill against the rest, per rule, on
-the points where the default's mean TTFT misses issue 14's bar by the most (the 12x Mooncake sweep,
-`sim_diagnosis`'s `sweep_12x`, three seeds).
+"""Under overload, who waits: the requests with a long fresh prefill against the rest, per rule. By
+default on the points where `marginal_shared`'s mean TTFT missed issue 14's bar by the most (the 12x
+Mooncake sweep, `sim_diagnosis`'s `sweep_12x`, three seeds); `--cases`, `--seeds` and `--cost-scales`
+pick others (the best baseline is read from the stored sets, so the point must be in them).
 
 A request is "long" when the part of its prompt no rank held when it was routed is more than four
 prefill chunks (SGLang's chunked_prefill_size): a prefill that holds its rank for several steps
@@ -8,12 +9,12 @@ whatever the rule does. This is a reporting split, not a rule input. Per run: me
 the long requests and of the rest, their time waiting behind a queue head that had no KV room, the
 long requests' share of the fresh prefill work, and the run's mean / P99 TTFT and TPOT against the
 best baseline's (the linear sweep, Dynamo's rule). The mean TTFT is mostly the rest's (the long
-ones are ~5% of the requests); P99 is mostly the long ones' (more than 1% of the requests). A rule
+ones are ~5% of the requests); P99 can be either class's (the long ones are more than 1%). A rule
 that sends long prompts to the shortest queue puts them ahead of many short requests (the rest
 wait); one that sends them where few requests wait keeps them behind other long ones (they wait).
 
 The simulator is deterministic; these are `sim_diagnosis`'s runs, re-run to count what its rows do
-not keep. Cost factors: the H100 + Qwen2.5-7B roofline, efficiency factors assumed (x1 here).
+not keep. Cost factors: the H100 + Qwen2.5-7B roofline, efficiency factors assumed (x1 unless `--cost-scales`).
 Results: benchmarks/results/sim/sim_overload.{json,md,png}.
 """
 

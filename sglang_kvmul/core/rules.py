@@ -169,7 +169,7 @@ class MarginalBounded(MarginalLatencyCapped):
         free = super().allowed(view)
         own = self.own_wait(view)
         # how much longer than its shortest possible wait a request may wait: its own part plus the mean backlog
-        slack = self.own_slack(view) + sum(view.queued) / len(own)
+        slack = self.own_slack(view) + view.queued_mean
         if free is None:
             bound = min(own) + slack
             return None if max(own) <= bound else [o <= bound for o in own]
@@ -608,13 +608,14 @@ class MarginalBehind(MarginalShared):
 
     def own_slack(self, view: RankView) -> float:
         slack, n = super().own_slack(view), view.prompt_len  # the chunk past the cached prefix, at most n
-        return slack if slack >= n else min(n, slack + sum(view.queued) / len(view.queued))
+        return slack if slack >= n else min(n, slack + view.queued_mean)
 
 
 class MarginalBehindHeld(MarginalBehind):
     """`marginal_behind` with the room term's exemption: where some rank's pool is short, the waiting
     count is not priced on a rank where the request holds one prefill chunk or more of its prompt. With
-    pools short, a rank's waiting requests are mostly waiting for KV pages, not for prefill, and
+    pools short, a rank's waiting requests may be waiting for KV pages rather than for prefill (how many
+    are was not measured), and
     `marginal_room` already prices that wait and spares the rank holding the request's chunk: staying
     there re-prefills nothing, and the queue it joins waits for pages whichever rank it takes. Counting
     those waiters as held up by the request's few uncached tokens priced a session's own context as if

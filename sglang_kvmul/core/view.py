@@ -48,6 +48,12 @@ class RankView:
         return list(map(self.prompt_len.__sub__, self.cached))
 
     @cached_property
+    def queued_mean(self) -> float:
+        """The mean queued prefill over the ranks: the bound's backlog slack, and `marginal_behind`'s
+        own slack too, read it on the same decision."""
+        return sum(self.queued) / len(self.queued)
+
+    @cached_property
     def kv_excess(self) -> list[int]:
         """Per rank, the tokens past its KV pool if it took this prompt: what its requests hold and are
         queued with (SGLang's num_total_tokens) plus the whole prompt, less the pool (0: room, or no
