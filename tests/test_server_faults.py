@@ -70,3 +70,27 @@ def test_a_killed_rank_is_detected_and_no_request_hangs(doomed_server):
         # socket closing (the dispatcher's monitor); the reason names which
         assert reason.startswith("scheduler pid") or reason == "its scheduler closed its request socket", reason
     assert f"kvmul: DP rank 1 is down ({reason}" in doomed_server.server.log_path.read_text()
+
+
+def _health_file(proc: psutil.Process) -> str | None:
+    """Where the controller writes rank health, from a child's environment (the launcher sets it)."""
+    try:
+        return proc.environ().get("SGLANG_KVMUL_HEALTH_FILE")
+    except psutil.Error:  # the killed rank: gone, or a zombie
+        return None
+
+
+def test_sigterm_stops_every_process_and_removes_the_launchers_state_dir(doomed_server):
+    """Last in this module: the operator stops the (degraded) server as a service manager would,
+    SIGTERM to the launcher. Every process it started exits, and the private directory holding the
+    controller's rank-health file (0700, made by the launcher) is removed: a SIGKILL-only stop left
+    one behind in /tmp for every server started."""
+    proc = doomed_server.server.proc
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    (state,) = {Path(f).parent for k in kids if (f := _health_file(k))}
+    assert state.name.startswith("sglang-kvmul-") and state.stat().st_mode & 0o777 == 0o700
+    proc.terminate()
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(kids, timeout=30)
+    assert not alive, [p.pid for p in alive]
+    assert not state.exists()
