@@ -110,6 +110,19 @@ def _specs(args: argparse.Namespace) -> list[dict]:
     return specs
 
 
+def point_specs(points: str, rules: str) -> list[dict]:
+    """The run specs of named points (`case|seed|mixed 0/1|efficiency factor`, ';'-separated), one per
+    rule: for runs that need one point of a case, not all its seeds and factors."""
+    out = []
+    for point in points.split(";"):
+        case, seed, mixed, eff = point.split("|")
+        args = ["--cases", case, "--seeds", str(int(seed) + 1), "--cost-scales", eff, "--rules", rules]
+        out += [
+            s for s in _specs(parser().parse_args(args + ["--mixed-chunk"] * (mixed == "1"))) if s["seed"] == int(seed)
+        ]
+    return out
+
+
 def _cell(v: float | None, k: str, sign: str = "") -> str:
     """A component's value ("-" for rows recorded before it was)."""
     return "-" if v is None else f"{v:{sign}.{3 if k == 'hit_ratio' else 1}f}"
@@ -244,6 +257,17 @@ def over_the_bar(sub: list[dict]) -> dict[str, dict[str, float]]:
         if found is not None:
             over[r["rule"]] = {m: found[1][m] / g for m, g in GATES.items()}
     return over
+
+
+def nearest(sub: list[dict]) -> dict[str, tuple[float, str] | None]:
+    """Per gated metric: the lowest ratio over its gate among the rules within the other two gates,
+    and the rule (None: no rule is within the other two). All three above 1: no rule meets the bar."""
+    over = over_the_bar(sub)
+    out: dict[str, tuple[float, str] | None] = {}
+    for m in GATES:
+        ok = [(o[m], rule) for rule, o in over.items() if all(v <= 1.0 for k, v in o.items() if k != m)]
+        out[m] = min(ok) if ok else None
+    return out
 
 
 def reachable(rows: list[dict]) -> list[str]:

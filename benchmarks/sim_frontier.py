@@ -15,27 +15,19 @@ Simulated, 16 ranks; the step times are `sim/cost.py`'s rooflines (efficiency fa
 
 from __future__ import annotations
 
+import argparse
+
 from benchmarks import sim_diagnosis as sd
 from benchmarks import sim_experiments as sx
-from benchmarks.common import pyplot, write_results
+from benchmarks.common import pyplot, trace_path, write_results
 from benchmarks.sim_tally import SETS  # the result sets that already hold the untuned rules' runs
+from benchmarks.sim_tally import points as stored_points
 
 TUNED = [
     *(f"linear:{a:g}" for a in (0.3, 0.4, 0.6)),
     *(f"dynamo:{w:g}" for w in (0.25, 0.5, 2, 4)),
     *(f"marginal_decode:{s:g}" for s in (0.5, 2, 4, 8)),
 ]
-
-
-def nearest(sub: list[dict]) -> dict[str, tuple[float, str] | None]:
-    """Per gated metric: the lowest ratio over its gate among the rules within the other two gates,
-    and the rule (None: no rule is within the other two). All three above 1: no rule meets the bar."""
-    over = sd.over_the_bar(sub)
-    out: dict[str, tuple[float, str] | None] = {}
-    for m in sd.GATES:
-        ok = [(o[m], rule) for rule, o in over.items() if all(v <= 1.0 for k, v in o.items() if k != m)]
-        out[m] = min(ok) if ok else None
-    return out
 
 
 def pareto(sub: list[dict]) -> list[dict]:
@@ -54,7 +46,7 @@ def report(rows: list[dict]) -> list[str]:
           "|---" * (len(sd.GATES) + 2) + "|"]  # fmt: skip
     points = sorted({(r["case"], r["seed"]) for r in rows})
     for case, seed in points:
-        near = nearest([r for r in rows if r["case"] == case and r["seed"] == seed])
+        near = sd.nearest([r for r in rows if r["case"] == case and r["seed"] == seed])
         cells = [f"{v[0]:.2f} ({v[1]})" if v else "none" for v in near.values()]
         md.append(f"| {case} | {seed} | " + " | ".join(cells) + " |")
     md += ["", "Each point's TTFT-TPOT Pareto front (rules no other beats on both means): ratios over the gates, "
@@ -102,16 +94,36 @@ def _plot(rows: list[dict], name: str) -> None:
     fig.savefig(sx.OUT / f"{name}.png", dpi=100)
 
 
+def at_points(args: argparse.Namespace) -> list[dict]:
+    """`--points`: the tuned rules (`--compare`) run at each named point, and every other rule's row
+    read back as stored, from the set `sim_tally` reads that point from: no untuned rule runs again."""
+    specs = sd.point_specs(args.points, args.compare)
+    want = {(s["case"], s["seed"], s["rank"]["mixed_chunk"]) for s in specs}
+    stored = [
+        r
+        for r in stored_points(SETS.split(","), label_mixed=False)
+        if (r["case"], r["seed"], bool(r["rank"].get("mixed_chunk"))) in want
+    ]
+    if missing := want - {(r["case"], r["seed"], bool(r["rank"].get("mixed_chunk"))) for r in stored}:
+        raise SystemExit(f"no stored rows for {sorted(missing)} in {SETS}: run sim_diagnosis there first")
+    if any(s["workload"] == "mooncake" for s in specs):
+        sx.TRACE = trace_path(args.trace)
+    return stored + sd.run_or_reuse(specs, args.reuse, args.workers, "frontier")
+
+
 def main() -> None:
     ap = sd.parser(__doc__)
     ap.set_defaults(
         cases="agentic_moe,mooncake_7b", seeds=3, rules=",".join([*sd.CANDIDATES, *sd.BASELINES, *TUNED]),
         compare=",".join(TUNED), name="sim_frontier", reuse=SETS,
     )  # fmt: skip
+    ap.add_argument("--points", default=None,
+                    help="case|seed|mixed (0/1)|efficiency factor, ';'-separated: only the tuned rules "
+                         "run, there; the others' rows are read back from sim_tally's sets")  # fmt: skip
     args = ap.parse_args()
     if (sx.OUT / f"{args.name}.json").exists() and args.name not in args.reuse.split(","):
         args.reuse = f"{args.name},{args.reuse}"  # its own earlier runs too: a re-run redoes only what is new
-    rows = sd.collect(args)
+    rows = at_points(args) if args.points else sd.collect(args)
     md = ["## How near any rule gets, tuned ones included", "", *report(rows), ""]
     md += ["## Which rules meet the bar at all (tuned ones included)", "", *sd.reachable(rows), ""]
     md += ["## The tuned rules against the bar", "", *sd.verdict(rows, args.compare.split(",")), ""]

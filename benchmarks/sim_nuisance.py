@@ -50,14 +50,7 @@ def _label(case: str, seed: int, mixed: bool) -> str:
 def specs(points: str, rules: str, delays: Iterable[float]) -> list[dict]:
     """`sim_diagnosis`'s run specs for each point (`case|seed|mixed 0/1|efficiency`) and rule, once per
     delay (ms)."""
-    out = []
-    for point in points.split(";"):
-        case, seed, mixed, eff = point.split("|")
-        args = ["--cases", case, "--seeds", str(int(seed) + 1), "--cost-scales", eff, "--rules", rules]
-        for s in sd._specs(sd.parser().parse_args(args + (["--mixed-chunk"] if mixed == "1" else []))):
-            if s["seed"] == int(seed):
-                out += [{**s, "event_delay_s": d / 1e3} for d in delays]
-    return out
+    return [{**s, "event_delay_s": d / 1e3} for s in sd.point_specs(points, rules) for d in delays]
 
 
 def verdicts(rows: list[dict], compare: list[str]) -> list[dict]:

@@ -28,9 +28,10 @@ SETS = ",".join([
 ])  # fmt: skip
 
 
-def points(names: list[str]) -> list[dict]:
+def points(names: list[str], label_mixed: bool = True) -> list[dict]:
     """The rows of the named result sets, each (case, seed) taken from the first set that has it (the
-    seed sets repeat seed 0's rows); a mixed-chunk case is its own case, named so."""
+    seed sets repeat seed 0's rows); a mixed-chunk case is its own case, named so (`label_mixed`; else
+    the rows as stored, for a set that stores them again)."""
     rows: list[dict] = []
     claimed: dict[tuple[str, int], str] = {}
     for name in names:
@@ -38,14 +39,14 @@ def points(names: list[str]) -> list[dict]:
         for r in doc["rows"]:
             case = r["case"] + (" (mixed chunks)" if r["rank"].get("mixed_chunk") else "")
             if claimed.setdefault((case, r["seed"]), name) == name:
-                rows.append({**r, "case": case})
+                rows.append({**r, "case": case} if label_mixed else r)
     return rows
 
 
-def nobody_meets(rows: list[dict]) -> list[str]:
+def nobody_meets(rows: list[dict]) -> list[tuple[str, int]]:
     """The points (case, seed) where no rule that ran meets the bar."""
     return [
-        f"{case}, seed {seed}"
+        (case, seed)
         for case, seed in sorted({(r["case"], r["seed"]) for r in rows})
         if not any(
             max(o.values()) <= 1.0
@@ -93,8 +94,14 @@ def main() -> None:
     md = [f"{n} simulated points; within the bar (mean TTFT <= 1.05x, mean TPOT <= 1.05x, P99 TTFT <= 1.1x "
           "of the best baseline's), and each ratio's geometric mean / worst:", "",
           *sd.summary(rows, [t["rule"] for t in per_rule])]  # fmt: skip
-    md += ["", f"No rule that ran meets the bar on {len(nobody)} of the {n} points:", ""]
-    md += [f"- {p}" for p in nobody]
+    near = {p: sd.nearest([r for r in rows if (r["case"], r["seed"]) == p]) for p in nobody}
+    md += ["", f"No rule that ran meets the bar on {len(nobody)} of the {n} points. How near any rule gets on "
+           "each metric while within the other two gates (ratio over its gate, and the rule; none: no rule "
+           "is within the other two):", "",
+           "| point | " + " | ".join(f"{m} / gate" for m in sd.GATES) + " |",
+           "|---" * (len(sd.GATES) + 1) + "|"]  # fmt: skip
+    md += [f"| {c}, seed {s} | " + " | ".join(f"{v[0]:.3f} ({v[1]})" if v else "none" for v in near[c, s].values())
+           + " |" for c, s in nobody]  # fmt: skip
     default = per_rule[0]["rule"] if per_rule else ""
     missed, swaps = trades(rows, default, [*(t["rule"] for t in per_rule), *sd.BASELINES])
     md += ["", f"Points `{default}` misses and another rule meets ({len(missed)}), with its mean TTFT / TPOT / "
@@ -116,7 +123,8 @@ def main() -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(sx.OUT / f"{args.name}.png", dpi=100)
-    report = {"config": vars(args), "rules": per_rule, "nobody": nobody, "missed": missed, "swaps": swaps}
+    nobody_rows = [{"case": c, "seed": s, "nearest": near[c, s]} for c, s in nobody]
+    report = {"config": vars(args), "rules": per_rule, "nobody": nobody_rows, "missed": missed, "swaps": swaps}
     write_results(f"sim/{args.name}", __doc__, report, "\n".join(md))
 
 

@@ -5,6 +5,7 @@ so a wrong split or a wrong verdict shows here and not as a plausible table."""
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from benchmarks import sim_diagnosis as sd
 from benchmarks import sim_frontier as frontier
@@ -14,7 +15,8 @@ from benchmarks.policy_comparison import against_product
 from benchmarks.sim_cold_tail import cold_counts
 from benchmarks.sim_experiments import attribution
 from benchmarks.sim_overload import size_classes
-from benchmarks.sim_tally import nobody_meets, trades
+from benchmarks.sim_tally import SETS, nobody_meets, trades
+from benchmarks.sim_tally import points as stored_points
 from sglang_kvmul.core.decode_cost import PooledDecodeCost
 from sglang_kvmul.core.rules import Choice, RankView
 from sglang_kvmul.sim.engine import SimConfig
@@ -96,7 +98,7 @@ def test_the_tally_counts_each_point_once_and_names_those_nobody_meets():
     assert (ours["met"], ours["points"], dynamo["met"]) == (1, 2, 0)
     assert ours["worst"]["tpot_mean_ms"] == 1.3 and ours["worst_case"]["tpot_mean_ms"] == "d"
     assert round(ours["geo"]["tpot_mean_ms"], 6) == round((1.04 * 1.3) ** 0.5, 6)
-    assert nobody_meets(near + far) == ["d, seed 0"]
+    assert nobody_meets(near + far) == [("d", 0)]
 
 
 def test_the_trades_name_the_points_the_default_misses_and_what_the_other_rule_gives_up():
@@ -119,10 +121,26 @@ def test_the_frontier_gives_each_metrics_nearest_within_the_other_gates_and_the_
             _row("fast", 104, 12.6, 300),  # TTFT and P99 within their gates, TPOT 1.2x its gate
             _row("lean", 126, 10.4, 300),  # TPOT and P99 within, TTFT 1.2x
             _row("worse", 130, 13, 300)]  # beaten by both on both means: off the front  # fmt: skip
-    near = frontier.nearest(rows)
+    near = sd.nearest(rows)
     assert near["tpot_mean_ms"] == (1.2, "fast") and near["ttft_mean_ms"] == (1.2, "lean")
     assert near["ttft_p99_ms"] is None  # nobody is within both mean gates
     assert [r["rule"] for r in frontier.pareto(rows)] == ["linear:0.5", "fast", "lean", "dynamo"]
+
+
+def test_the_frontier_at_named_points_runs_only_the_tuned_rules_and_reads_the_others_back():
+    # the committed result sets: the 12x sweep seed 1 is in sim_frontier_seeds (its tuned rows) and in
+    # sim_diagnosis_seeds_12x (the shipped rules' rows), so nothing is simulated here
+    args = frontier.sd.parser().parse_args(["--compare", "linear:0.3", "--reuse", "sim_frontier_seeds"])
+    args.points = "sweep_12x|1|0|1"
+    rows = frontier.at_points(args)
+    stored = [
+        r for r in stored_points(SETS.split(","), label_mixed=False) if (r["case"], r["seed"]) == ("sweep_12x", 1)
+    ]
+    assert [r for r in rows if r["rule"] != "linear:0.3"] == stored
+    assert [r["rule"] for r in rows].count("linear:0.3") == 1 and len(stored) > 10
+    args.points = "sweep_12x|5|0|1"  # a seed no set holds: said, not simulated
+    with pytest.raises(SystemExit, match=r"no stored rows for \[\('sweep_12x', 5, False\)\]"):
+        frontier.at_points(args)
 
 
 def test_real_decisions_are_set_against_the_products_pick_on_the_same_view():
