@@ -361,7 +361,7 @@ def main() -> None:
         for rule in compare:
             md += [*versus(sub, rule), ""]
     _plot(rows, args)
-    sx._save(args.name, vars(args), rows, md)
+    sx._save(args.name, vars(args), rows, md, __doc__)
 
 
 def _plot(rows: list[dict], args: argparse.Namespace) -> None:

@@ -208,8 +208,10 @@ def versus(rows: list[dict]) -> list[str]:
     return out
 
 
-def _save(name: str, config: dict, rows: list[dict], md: list[str]) -> None:
-    write_results(f"sim/{name}", __doc__, {"config": config, "rows": rows}, "\n".join(md))
+def _save(name: str, config: dict, rows: list[dict], md: list[str], doc: str | None = None) -> None:
+    """Rows and table under `benchmarks/results/sim/`, headed by `doc` (the writing script's own
+    docstring; default this module's)."""
+    write_results(f"sim/{name}", doc or __doc__, {"config": config, "rows": rows}, "\n".join(md))
 
 
 def cmd_table(args: argparse.Namespace) -> None:
