@@ -86,12 +86,12 @@ def met_by(rows: list[dict]) -> list[str]:
     """Per point and delay, every rule that meets the bar there, the baselines included (a baseline
     that is best on two metrics and within the third meets it): a point no rule meets at one delay
     may be met at another, and then it is the delay, not the rules, that decides it."""
-    md = ["| point | " + " | ".join(f"met at {d * 1e3:g} ms" for d in sorted({r["event_delay_s"] for r in rows}))
-          + " |", "|---" * (1 + len({r["event_delay_s"] for r in rows})) + "|"]  # fmt: skip
+    delays = sorted({r["event_delay_s"] for r in rows})
+    md = ["| point | " + " | ".join(f"met at {d * 1e3:g} ms" for d in delays) + " |", "|---" * (1 + len(delays)) + "|"]
     for case, seed, mixed in sorted({(r["case"], r["seed"], r["rank"]["mixed_chunk"]) for r in rows}):
         sub = [r for r in rows if (r["case"], r["seed"], r["rank"]["mixed_chunk"]) == (case, seed, mixed)]
         cells = []
-        for d in sorted({r["event_delay_s"] for r in rows}):
+        for d in delays:
             over = sd.over_the_bar([r for r in sub if r["event_delay_s"] == d])
             cells.append(", ".join(rule for rule, o in over.items() if max(o.values()) <= 1.0) or "none")
         md.append(f"| {_label(case, seed, mixed)} | " + " | ".join(cells) + " |")
@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--reuse", default=f"{SETS},sim_nuisance",
                     help="result sets whose identical runs (at the default delay) are not repeated")  # fmt: skip
     args = ap.parse_args()
+    if (sx.OUT / f"{args.name}.json").exists() and args.name not in args.reuse.split(","):
+        args.reuse = f"{args.name},{args.reuse}"  # its own earlier runs too: a re-run redoes only what is new
     compare = args.compare.split(",")
     delays = [float(d) for d in args.delays.split(",")]
     todo = specs(args.points, ",".join([*compare, *sd.BASELINES]), delays)
