@@ -167,6 +167,14 @@ def _key(spec: dict) -> str:
     return json.dumps(key if delay == SimConfig.event_delay_s else [*key, delay], sort_keys=True)
 
 
+def with_own(reuse: str, name: str) -> str:
+    """`reuse` with the result set `name` first, if it exists: a re-run under the same name redoes
+    only the runs it does not hold (`sim_frontier`, `sim_nuisance`)."""
+    if (sx.OUT / f"{name}.json").exists() and name not in reuse.split(","):
+        return f"{name},{reuse}"
+    return reuse
+
+
 def _reused(names: str, specs: list[dict]) -> list[dict]:
     """Rows of earlier runs (`--reuse a,b`) that this run would repeat: the baselines do not change
     when a candidate rule does, so a new candidate runs alone."""

@@ -97,14 +97,14 @@ def _plot(rows: list[dict], name: str) -> None:
 def at_points(args: argparse.Namespace) -> list[dict]:
     """`--points`: the tuned rules (`--compare`) run at each named point, and every other rule's row
     read back as stored, from the set `sim_tally` reads that point from: no untuned rule runs again."""
+
+    def point(r: dict) -> tuple[str, int, bool]:
+        return r["case"], r["seed"], bool(r["rank"].get("mixed_chunk"))
+
     specs = sd.point_specs(args.points, args.compare)
-    want = {(s["case"], s["seed"], s["rank"]["mixed_chunk"]) for s in specs}
-    stored = [
-        r
-        for r in stored_points(SETS.split(","), label_mixed=False)
-        if (r["case"], r["seed"], bool(r["rank"].get("mixed_chunk"))) in want
-    ]
-    if missing := want - {(r["case"], r["seed"], bool(r["rank"].get("mixed_chunk"))) for r in stored}:
+    want = set(map(point, specs))
+    stored = [r for r in stored_points(SETS.split(","), label_mixed=False) if point(r) in want]
+    if missing := want - set(map(point, stored)):
         raise SystemExit(f"no stored rows for {sorted(missing)} in {SETS}: run sim_diagnosis there first")
     if any(s["workload"] == "mooncake" for s in specs):
         sx.TRACE = trace_path(args.trace)
@@ -121,8 +121,7 @@ def main() -> None:
                     help="case|seed|mixed (0/1)|efficiency factor, ';'-separated: only the tuned rules "
                          "run, there; the others' rows are read back from sim_tally's sets")  # fmt: skip
     args = ap.parse_args()
-    if (sx.OUT / f"{args.name}.json").exists() and args.name not in args.reuse.split(","):
-        args.reuse = f"{args.name},{args.reuse}"  # its own earlier runs too: a re-run redoes only what is new
+    args.reuse = sd.with_own(args.reuse, args.name)
     rows = at_points(args) if args.points else sd.collect(args)
     md = ["## How near any rule gets, tuned ones included", "", *report(rows), ""]
     md += ["## Which rules meet the bar at all (tuned ones included)", "", *sd.reachable(rows), ""]

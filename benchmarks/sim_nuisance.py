@@ -126,8 +126,7 @@ def main() -> None:
     ap.add_argument("--reuse", default=f"{SETS},sim_nuisance",
                     help="result sets whose identical runs (at the default delay) are not repeated")  # fmt: skip
     args = ap.parse_args()
-    if (sx.OUT / f"{args.name}.json").exists() and args.name not in args.reuse.split(","):
-        args.reuse = f"{args.name},{args.reuse}"  # its own earlier runs too: a re-run redoes only what is new
+    args.reuse = sd.with_own(args.reuse, args.name)
     compare = args.compare.split(",")
     delays = [float(d) for d in args.delays.split(",")]
     todo = specs(args.points, ",".join([*compare, *sd.BASELINES]), delays)

@@ -89,21 +89,19 @@ class LocalServer:
             time.sleep(0.25)  # polling interval while waiting for the process, not a synchronisation
         raise TimeoutError(f"no {title} process after {timeout:.0f} s:\n{self.log_tail()}")
 
-    def stop(self, grace_s: float = 20.0) -> bool:
+    def stop(self, grace_s: float = 20.0) -> None:
         """Stop the server as a service manager would: SIGTERM to the launcher, which shuts SGLang
         down and removes its private state directory, then SIGKILL to whatever of the process group
-        is left (all of it, if the launcher has not exited within `grace_s`). True if the launcher
-        exited on the SIGTERM. A SIGKILL alone would leave the launcher's state directory behind."""
+        is left (all of it, if the launcher has not exited within `grace_s`). A SIGKILL alone would
+        leave the launcher's state directory behind."""
         pids = {self.proc.pid}
         with suppress(psutil.Error):  # before the kill: whose shared-memory queues are ours
             pids |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
-        graceful = False
         if self.proc.poll() is None:
             with suppress(ProcessLookupError):
                 self.proc.terminate()
             with suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=grace_s)
-                graceful = True
         with suppress(ProcessLookupError):  # the group outlives its leader while any member runs
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
@@ -112,7 +110,6 @@ class LocalServer:
         for path in leftovers:
             with suppress(OSError):
                 os.remove(path)
-        return graceful
 
 
 def start_server(
