@@ -416,15 +416,14 @@ class MarginalRoom(MarginalChunked):
         horizon, caps = view.decode_output_tokens, view.max_kv_tokens
         if not horizon or not caps:
             return None, False, False
+        chunk = view.chunk_tokens
         out, room, spared = [], False, False
-        for x, kv, cap, q, held in zip(
-            view.kv_excess, view.kv_tokens, caps, view.queued, view.holds_chunk, strict=True
-        ):
+        for x, kv, cap, q, c in zip(view.kv_excess, view.kv_tokens, caps, view.queued, view.cached, strict=True):
             w = kv_room_wait(horizon, x, kv, cap, q)
             if w is None:
                 out.append(0.0)
                 room = True
-            elif held:  # where the request holds a chunk or more, staying is not priced
+            elif chunk and c >= chunk:  # where the request holds a chunk or more, staying is not priced
                 out.append(0.0)
                 spared = spared or w > 0
             else:
@@ -641,9 +640,10 @@ class MarginalBehindHeld(MarginalBehind):
     name = "marginal_behind_held"
 
     def behind(self, view: RankView) -> Sequence[int]:
-        if not any(view.kv_excess) or not any(view.holds_chunk):
+        chunk = view.chunk_tokens
+        if not chunk or not any(view.kv_excess):
             return view.waiting
-        return [0 if held else w for held, w in zip(view.holds_chunk, view.waiting, strict=True)]
+        return [0 if c >= chunk else w for c, w in zip(view.cached, view.waiting, strict=True)]
 
 
 def kv_room_wait(horizon: float, excess: int, kv: int, cap: int, queued: int) -> float | None:

@@ -54,14 +54,6 @@ class RankView:
         return sum(self.queued) / len(self.queued)
 
     @cached_property
-    def holds_chunk(self) -> list[bool]:
-        """Per rank, whether it holds one prefill chunk or more of this prompt (none, unchunked): where
-        staying re-prefills at most a chunk, which `marginal_room`'s wait and `marginal_behind_held`'s
-        waiting count both spare."""
-        chunk = self.chunk_tokens
-        return [bool(chunk) and c >= chunk for c in self.cached]
-
-    @cached_property
     def kv_excess(self) -> list[int]:
         """Per rank, the tokens past its KV pool if it took this prompt: what its requests hold and are
         queued with (SGLang's num_total_tokens) plus the whole prompt, less the pool (0: room, or no
