@@ -116,3 +116,60 @@ def test_rank_slowdown_counts_a_rank_slow_only_where_decode_and_prefill_agree():
     partial.update(2, _moments([step(3)] * 4), busy_us=10**6, tokens=MIN_TOKENS_FOR_SPEED, decoders=4)
     p = partial.rank_slowdown
     assert p[0] < p[2] < p[1] and p[1] > 1.7 * p[0] and sum(p) == pytest.approx(3.0)
+
+
+def test_output_spread_weighs_a_fresh_requests_pause_by_the_finished_outputs():
+    """(Obar - 1) x E[1 / (O - 1)] over the finished outputs, pooled over ranks: 1 when every output is
+    as long, and none before MIN_FINISHED_FOR_SPREAD outputs; a rank's figures replace its earlier
+    ones (cumulative, as SGLang's counters)."""
+    from sglang_kvmul.core.decode_cost import PooledOutputSpread
+    from sglang_kvmul.core.tunables import MIN_FINISHED_FOR_SPREAD
+
+    def sums(outputs):
+        return (float(len(outputs)), float(sum(outputs)), sum(1.0 / (o - 1) for o in outputs))
+
+    spread = PooledOutputSpread(2)
+    spread.update(0, sums([50] * MIN_FINISHED_FOR_SPREAD))
+    assert spread.fresh_pause_weight == pytest.approx(1.0) and spread.output_mean == 50.0  # alike: no premium
+    few = [3, 101] * (MIN_FINISHED_FOR_SPREAD // 4)
+    spread = PooledOutputSpread(2)
+    spread.update(1, sums(few))
+    assert spread.fresh_pause_weight == 1.0  # too few outputs to tell their spread
+    spread.update(1, sums(few * 2))  # the same rank, later: its cumulative figures replace the earlier ones
+    assert spread.finished == len(few) * 2
+    assert spread.fresh_pause_weight == pytest.approx((52 - 1) * (1 / 2 + 1 / 100) / 2)  # ~13
+    spread.update(0, sums([52] * len(few) * 2))  # pooled with rank 0's alike outputs: a smaller spread
+    assert spread.fresh_pause_weight == pytest.approx((52 - 1) * ((1 / 2 + 1 / 100) / 2 + 1 / 51) / 2)
+    spread.update(0, ())
+    spread.update(1, ())  # ranks that stop reporting (SGLang without the hook): no stale weight
+    assert spread.fresh_pause_weight == 1.0 and spread.finished == 0
+
+
+def test_the_ledger_reads_fresh_requests_and_finished_outputs_past_sglangs_six_sums():
+    from sglang_kvmul.core.load_ledger import LoadSnapshotView, RankLoad
+
+    load = RankLoad()
+    six = [300.0, 600.0, 4e5, 1200.0, 8e5, 600.0]
+    load.on_snapshot(LoadSnapshotView(1.0, 5, 0, 0, 0, decode_moments=six))
+    assert load.fresh == 0 and load.finished_outputs == ()  # SGLang alone reports neither
+    load.on_snapshot(LoadSnapshotView(2.0, 5, 0, 0, 0, decode_moments=[*six, 3.0, 40.0, 900.0, 6.5]))
+    assert load.fresh == 3 and load.finished_outputs == (40.0, 900.0, 6.5)
+
+
+def test_simulated_rank_reports_fresh_requests_and_finished_outputs():
+    """Right after their prefill, requests have one token and count as fresh until a decode step;
+    a finished request with two or more output tokens adds its output and 1 / (output - 1)."""
+    rank = SimRank(0, RankConfig(page_size=1, kv_pages=10_000, chunk_tokens=10_000), LinearCost())
+    for rid, out in enumerate((3, 10, 1)):
+        rank.enqueue(SimRequest(rid, 0.0, tuple(range(rid * 100, rid * 100 + 50)), output_len=out), 0.0)
+    end = rank.start_step(0.0)  # one prefill batch for all three
+    rank.finish_step(end)
+    m = rank.snapshot(end)["decode_moments"]
+    assert m[6] == 2  # the 1-token request finished at its prefill; the others have not decoded yet
+    assert m[7:] == [0.0, 0.0, 0.0]
+    now = end
+    while (end := rank.start_step(now)) is not None:
+        rank.finish_step(end)
+        now = end
+    m = rank.snapshot(now)["decode_moments"]
+    assert m[6] == 0 and m[7:] == pytest.approx([2.0, 13.0, 1 / 2 + 1 / 9])

@@ -21,7 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sglang_kvmul.core.tunables import MIN_DECODE_STEPS_FOR_SLOPE, MIN_TOKENS_FOR_SPEED, SPEED_SPREAD
+from sglang_kvmul.core.tunables import (
+    MIN_DECODE_STEPS_FOR_SLOPE,
+    MIN_FINISHED_FOR_SPREAD,
+    MIN_TOKENS_FOR_SPEED,
+    SPEED_SPREAD,
+)
 
 _EMPTY = (0.0,) * 5
 
@@ -115,6 +120,44 @@ class PooledDecodeCost:
             decode.append(row[2] / predicted if row[0] >= MIN_DECODE_STEPS_FOR_SLOPE and predicted > 0 else None)
             prefill.append(row[5] / row[6] if row[6] >= MIN_TOKENS_FOR_SPEED and row[5] > 0 else None)
         return agreed_slowdown(_over_mean(decode), _over_mean(prefill))
+
+
+class PooledOutputSpread:
+    """How much more of its TPOT a pause costs a request that has not decoded yet than one of the mean
+    output, from the outputs of the requests that finished (counted by the schedulers at finish:
+    `serving.fresh_outputs`), pooled over ranks.
+
+    A prefill of t pauses each request running on its rank for t; the rules' pause term counts t per
+    paused request. A request with O output tokens loses t / (O - 1) of its TPOT to it. Of a request
+    that has decoded a while the router knows only that it is running, and counts it as of the mean
+    output Obar. Of one that has not decoded yet (just prefilled, or waiting: it will be, when a prefill
+    queued behind it runs) the output is any the fleet serves, and the pause costs its TPOT E[1 / (O -
+    1)] x t on average: (Obar - 1) x E[1 / (O - 1)] times the mean output's t / (Obar - 1). That ratio is
+    the weight: 1 when every output is as long, at least 1 always (Jensen), large where many outputs
+    are a few tokens (a pause of a second on a 3-token answer is 500 ms of its TPOT). No constant: the
+    outputs are those the fleet served."""
+
+    def __init__(self, num_ranks: int) -> None:
+        self._rows: list[tuple[float, ...]] = [(0.0, 0.0, 0.0)] * num_ranks  # per rank: count, sum O, sum 1/(O-1)
+        self._totals = [0.0, 0.0, 0.0]  # kept by difference, as `PooledDecodeCost` keeps its sums
+        self.finished = 0.0  # finished requests with two or more output tokens, all ranks
+        self.output_mean = 0.0  # their mean output (0.0: none)
+        self.fresh_pause_weight = 1.0  # 1.0 until MIN_FINISHED_FOR_SPREAD outputs are measured
+
+    def update(self, rank: int, finished: Sequence[float]) -> None:
+        """One rank's cumulative (count, sum of outputs, sum of 1 / (output - 1)) as of its last snapshot
+        (empty: not reported, as from SGLang without this package's hook)."""
+        row = tuple(finished) if len(finished) == 3 else (0.0, 0.0, 0.0)
+        old, self._rows[rank] = self._rows[rank], row
+        totals = self._totals
+        for i in range(3):
+            totals[i] += row[i] - old[i]
+        n, outputs, inverse = totals
+        self.finished, self.output_mean = n, outputs / n if n > 0 else 0.0
+        if n < MIN_FINISHED_FOR_SPREAD:
+            self.fresh_pause_weight = 1.0
+            return
+        self.fresh_pause_weight = max(1.0, (self.output_mean - 1.0) * (inverse / n))
 
 
 def _over_mean(xs: list[float | None]) -> list[float | None]:

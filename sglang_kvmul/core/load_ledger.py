@@ -15,6 +15,13 @@ from math import isfinite
 
 from sglang_kvmul.core.tunables import MIN_TOKENS_FOR_SPEED, RECV_SLACK_S
 
+# `decode_moments` past SGLang's six sums, as this package's scheduler hook appends them
+# (`serving.fresh_outputs`; the simulator writes the same): the running requests that have not
+# decoded past their first token, then the finished requests with two or more output tokens: their
+# count, their outputs' sum, and the sum of 1 / (output - 1). Absent (SGLang alone, the upstream
+# patch): no request counts as fresh and no output is measured.
+FRESH, FINISHED = 6, slice(7, 10)
+
 
 @dataclass
 class LoadSnapshotView:
@@ -30,7 +37,8 @@ class LoadSnapshotView:
     max_total_num_tokens: int = 0
     total_prefill_busy_us: int = 0  # cumulative time in prefill, beside total_prefill_uncached_tokens
     # SGLang's decode step-time moment sums (steps, sum b, sum t_us, sum b^2, sum b*t_us, generated):
-    # enough for a least-squares step time a + k * batch. None: no decode step measured yet.
+    # enough for a least-squares step time a + k * batch, and the items at FRESH and FINISHED. None:
+    # no decode step measured yet.
     decode_moments: list[float] | None = None
 
 
@@ -63,6 +71,19 @@ class RankLoad:
     @property
     def running(self) -> int:
         return self.snap_running
+
+    @property
+    def fresh(self) -> int:
+        """Running requests that had not decoded past their first token at the last snapshot (0: not reported)."""
+        m = self.decode_moments
+        return int(m[FRESH]) if len(m) > FRESH else 0
+
+    @property
+    def finished_outputs(self) -> tuple[float, ...]:
+        """Cumulative (count, sum of outputs, sum of 1 / (output - 1)) of the finished requests with two
+        or more output tokens (empty: not reported)."""
+        m = self.decode_moments
+        return m[FINISHED] if len(m) >= FINISHED.stop else ()
 
     @property
     def waiting(self) -> int:

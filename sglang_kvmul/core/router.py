@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sglang_kvmul.core.block_hash import DEFAULT, CacheNamespace, first_page_hash
-from sglang_kvmul.core.decode_cost import PooledDecodeCost
+from sglang_kvmul.core.decode_cost import PooledDecodeCost, PooledOutputSpread
 from sglang_kvmul.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventUpdate, KVEvent
 from sglang_kvmul.core.load_ledger import LoadSnapshotView, RankLoad
 from sglang_kvmul.core.mirror import RadixMirror
@@ -72,10 +72,12 @@ class KvmulRouter:
         dynamo_events: bool = False,
         rule: Rule | None = None,
         chunk_tokens: int = 0,
+        mixed_chunk: bool = False,
     ) -> None:
         """`dynamo_events`: SGLang publishes in the "dynamo" format (hashes also cover extra_key).
         `rule`: the routing rule (`rules`, default kvmul); baselines share the same mirror and load view.
-        `chunk_tokens`: the ranks' chunked_prefill_size (0: prompts are prefilled whole)."""
+        `chunk_tokens`: the ranks' chunked_prefill_size (0: prompts are prefilled whole).
+        `mixed_chunk`: the ranks run SGLang's --enable-mixed-chunk (decodes go on inside prefill steps)."""
         self.rule: Rule = rule if rule is not None else Kvmul()
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
@@ -85,6 +87,7 @@ class KvmulRouter:
         if chunk_tokens < 0:
             raise ValueError(f"chunk_tokens must be >= 0 (0: unchunked), got {chunk_tokens}")
         self.chunk_tokens = chunk_tokens
+        self.mixed_chunk = mixed_chunk
         self.index = SharedRadixIndex(num_ranks, page_size)  # one walk per request answers every rank
         self.mirrors = [RadixMirror(page_size, self.index, r) for r in range(num_ranks)]
         self.loads = [RankLoad() for _ in range(num_ranks)]
@@ -95,7 +98,9 @@ class KvmulRouter:
         self._batch = [0] * num_ranks  # running + waiting
         # capacities and speed, for rules that read them (kept current like the rest, not rebuilt per request)
         self._max_running, self._max_kv, self._speed = [0] * num_ranks, [0] * num_ranks, [0.0] * num_ranks
+        self._fresh = [0] * num_ranks  # running requests not yet past their first token
         self.decode_cost = PooledDecodeCost(num_ranks)  # measured decode cost, pooled (`decode_cost`)
+        self.output_spread = PooledOutputSpread(num_ranks)  # the finished outputs' spread, pooled
         self._pending_ranks: set[int] = set()  # ranks with in-flight prompts to credit
         self.pending = [PendingPrefixes() for _ in range(num_ranks)]
         # A stale rank lost KV events for good: its mirror is not trusted (scored as caching
@@ -141,6 +146,7 @@ class KvmulRouter:
             kv_tokens=self._kv[:],
             page_size=self.page_size,
             chunk_tokens=self.chunk_tokens,
+            mixed_chunk=self.mixed_chunk,
             batch=self._batch[:],
             stem=stem,
         )
@@ -152,6 +158,8 @@ class KvmulRouter:
             view.decode_batch_mean = self.decode_cost.batch_mean
             view.decode_output_tokens = self.decode_cost.output_tokens
             view.rank_slowdown = self.decode_cost.rank_slowdown
+            view.fresh = self._fresh[:]
+            view.fresh_pause_weight = self.output_spread.fresh_pause_weight
         c = self.rule.choose(view, self._rotation)
         rank, tie, excluded = c.rank, c.tie, c.excluded
         if self.down[rank]:  # the rule's own costs, among the ranks that are up (any rule, no special case)
@@ -248,6 +256,7 @@ class KvmulRouter:
         self.decode_cost.update(
             rank, load.decode_moments, load.prefill_busy_us, load.prefilled_seen, load.decoders_seen
         )
+        self.output_spread.update(rank, load.finished_outputs)
         mirror = self.mirrors[rank]
         ps = self.page_size
 
@@ -269,6 +278,7 @@ class KvmulRouter:
         self._max_running[r] = ld.max_running
         self._max_kv[r] = ld.max_kv_tokens
         self._speed[r] = ld.prefill_us_per_token
+        self._fresh[r] = ld.fresh
 
 
 def _as_tuple(tokens: Sequence[int]) -> tuple[int, ...]:

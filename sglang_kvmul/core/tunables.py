@@ -14,6 +14,9 @@ MIN_DECODE_STEPS_FOR_SLOPE = 256
 # guard (prefill speeds) and decode_cost (decode and prefill speeds where they agree, read by
 # marginal_timed): measured speeds closer than this ratio are noise, not a speed spread.
 SPEED_SPREAD = 1.25
+# decode_cost: finished requests (pooled over ranks) before their outputs' spread is used to weigh a
+# pause on a request that has not decoded yet (`fresh_pause_weight`): a few dozen outputs.
+MIN_FINISHED_FOR_SPREAD = 32
 # pending: an in-flight prompt not confirmed by events or the prefill counter by then is dropped;
 # at most this many per rank are credited (a burst beyond it is scored on the mirror alone).
 PENDING_TTL_S = 30.0

@@ -37,6 +37,14 @@ class RankView:
     # Each rank's measured slowness, mean 1, where its decode steps and its prefill tokens agree
     # (`decode_cost`); empty when the ranks measure alike
     rank_slowdown: Sequence[float] = ()
+    # Per rank, the running requests that have not decoded past their first token (SGLang's, through
+    # this package's scheduler hook; empty: not reported), and how much more a pause costs such a
+    # request's TPOT than the pause term counts (`decode_cost.PooledOutputSpread`; 1.0 until measured)
+    fresh: Sequence[int] = ()
+    fresh_pause_weight: float = 1.0
+    # SGLang's --enable-mixed-chunk: running requests decode inside each prefill step (default off: a
+    # prefill step pauses every running decode on its rank)
+    mixed_chunk: bool = False
     # SGLang's chunked_prefill_size on each rank, the most prompt tokens one prefill step takes (0: unchunked)
     chunk_tokens: int = 0
     # The longest cached prefix of the prompt that two or more cached prompts branch from (a shared

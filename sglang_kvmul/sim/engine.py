@@ -58,7 +58,11 @@ class Simulation:
             raise ValueError(f"{len(speeds)} speeds for {cfg.ranks} ranks")
         self.ranks = [SimRank(r, cfg.rank, cost if s == 1.0 else ScaledCost(cost, s)) for r, s in enumerate(speeds)]
         self.router = KvmulRouter(
-            cfg.ranks, cfg.rank.page_size, rule=rule_by_name(cfg.rule), chunk_tokens=cfg.rank.chunk_tokens
+            cfg.ranks,
+            cfg.rank.page_size,
+            rule=rule_by_name(cfg.rule),
+            chunk_tokens=cfg.rank.chunk_tokens,
+            mixed_chunk=cfg.rank.mixed_chunk,
         )
         self._heap: list[tuple[float, int, str, object]] = []
         self._seq = 0

@@ -90,6 +90,9 @@ class SimRank:
         self.waiting_tokens = 0  # prompt tokens
         self.waiting_uncached = 0  # prompt tokens not cached and not prefilled yet
         self.kv_blocked_s = 0.0  # closed spans of time the queue head has waited for KV pages
+        # the finished requests with two or more output tokens: count, sum of outputs, sum of
+        # 1 / (output - 1) (what `serving.fresh_outputs` counts in SGLang's schedulers)
+        self.finished_outputs = [0.0, 0.0, 0.0]
 
     def enqueue(self, req: SimRequest, now: float) -> None:
         """A routed request joins the back of the waiting queue."""
@@ -266,10 +269,15 @@ class SimRank:
                     self.context += len(req.tokens) + req.generated
                     self.decoded += req.generated
             self.prefilling = []
+        fin = self.finished_outputs
         for req in done:
             req.finish = now
             self.cache.unref(req.path, now)
             self.reserved_pages -= req.decode_pages
+            if req.output_len > 1:
+                fin[0] += 1.0
+                fin[1] += req.output_len
+                fin[2] += 1.0 / (req.output_len - 1)
         return done
 
     # ---- what the router sees ----------------------------------------------------------------
@@ -281,7 +289,13 @@ class SimRank:
             "num_waiting_uncached_tokens": self.waiting_uncached,
             "total_prefill_uncached_tokens": self.prefilled_total,
             "total_prefill_busy_us": round(self.prefill_busy_s * 1e6),
-            "decode_moments": list(self.decode_moments) if self.decode_moments[0] else None,
+            # SGLang's six sums, then the running requests not yet past their first token and the
+            # finished outputs, as `serving.fresh_outputs` appends them (`load_ledger.FRESH`, `FINISHED`)
+            "decode_moments": [
+                *self.decode_moments,
+                sum(1 for r in self.running if r.generated <= 1),
+                *self.finished_outputs,
+            ],
             "max_running_requests": self.cfg.max_running,
             "max_total_num_tokens": self.cfg.kv_pages * self.cfg.page_size,
             # SGLang: KV in use (pool minus free minus evictable: a prefix that running requests
