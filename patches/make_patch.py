@@ -5,8 +5,9 @@ The patch is made from this package's own sources, so it never drifts from them:
     reading the imports, so the layout decides: `core/`, the serving modules it uses, their
     `__init__.py` files; not the plugin hook, the launcher, the demo or the CPU shims) are copied to
     `python/sglang/srt/managers/kvmul/`, imports rewritten;
-  * four upstream files get small edits: the CLI choice, the `LoadBalanceMethod` enum and the
-    construction of the controller, the load-snapshot ownership rule, and the KV publisher's guard.
+  * five upstream files get small edits: the CLI choice, the `LoadBalanceMethod` enum and the
+    construction of the controller, the load-snapshot ownership rule, the KV publisher's guard, and
+    the scheduler's start, which installs the count of fresh requests and finished outputs.
 The pristine upstream files are read from the installed SGLang and checked against the release
 wheel's own RECORD hashes, so they are the bytes of the pinned release.
 
@@ -33,9 +34,15 @@ VERSION = "0.5.23"
 PATCH = Path(__file__).resolve().parent / f"sglang-{VERSION}-kvmul.patch"
 TARGET_PKG = "sglang/srt/managers/kvmul"
 
-# What the patched-in code starts from: the controller class, and the KV-event guard and
-# cross-node registration the publisher module installs in the scheduler processes.
-ENTRIES = ("serving/controller.py", "serving/event_privacy.py", "serving/event_registration.py")
+# What the patched-in code starts from: the controller class, the KV-event guard and cross-node
+# registration the publisher module installs in the scheduler processes, and the scheduler's count of
+# fresh requests and finished outputs (`marginal_fresh`'s inputs).
+ENTRIES = (
+    "serving/controller.py",
+    "serving/event_privacy.py",
+    "serving/event_registration.py",
+    "serving/fresh_outputs.py",
+)
 
 
 # (upstream file, [(anchor, replacement)]): each anchor must occur exactly once.
@@ -62,6 +69,18 @@ EDITS: dict[str, list[tuple[str, str]]] = {
             "\n"
             "_kvmul_event_privacy.install_from_env()\n"
             "_kvmul_event_registration.install()\n",
+        ),
+    ],
+    "sglang/srt/managers/scheduler.py": [
+        (
+            "    load_plugins()\n    dp_rank = resolve_spawn_dp_rank(dp_rank)\n",
+            "    load_plugins()\n"
+            "    # kvmul: the running requests not yet decoding and the finished outputs, in each load\n"
+            "    # snapshot (sglang/srt/managers/kvmul/serving/fresh_outputs.py)\n"
+            "    from sglang.srt.managers.kvmul.serving import fresh_outputs as _kvmul_fresh_outputs\n"
+            "\n"
+            "    _kvmul_fresh_outputs.install()\n"
+            "    dp_rank = resolve_spawn_dp_rank(dp_rank)\n",
         ),
     ],
     "sglang/srt/managers/load_snapshot.py": [

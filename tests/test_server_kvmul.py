@@ -146,6 +146,33 @@ def test_measured_decode_costs_are_exported(kvmul_server):
     assert kvmul_server.metric_total("kvmul_decode_steps_per_request") > 1.0
 
 
+def test_finished_outputs_reach_the_router_each_counted_once(kvmul_server):
+    """Each scheduler counts its finished outputs (`serving.fresh_outputs`, appended to SGLang's load
+    snapshot); the router pools them into `marginal_fresh`'s weight, (Obar - 1) x E[1 / (O - 1)].
+    Requests of 2 and 24 output tokens: the pooled count, mean and weight move exactly by theirs."""
+    n0 = kvmul_server.metric_total("kvmul_outputs_measured")
+    mean0 = kvmul_server.metric_total("kvmul_output_mean")
+    inverse0 = kvmul_server.metric_total("kvmul_fresh_pause_weight") * n0 / (mean0 - 1) if n0 >= 32 else None
+    rng = random.Random(11)
+    outputs = [2, 24] * 20
+    for i, out in enumerate(outputs):
+        resp = kvmul_server.generate(ids(rng, 40), rid=f"outputs-{i}", max_new_tokens=out)
+        assert resp.status_code == 200 and resp.json()["meta_info"]["completion_tokens"] == out
+    n = n0 + len(outputs)
+    deadline = time.monotonic() + 30
+    while kvmul_server.metric_total("kvmul_outputs_measured") < n:  # snapshots arrive on their own
+        assert time.monotonic() < deadline, "the finished outputs never reached the router"
+        time.sleep(0.2)  # polling interval
+    assert kvmul_server.metric_total("kvmul_outputs_measured") == n  # none counted twice
+    mean = (mean0 * n0 + sum(outputs)) / n
+    assert kvmul_server.metric_total("kvmul_output_mean") == pytest.approx(mean)
+    weight = kvmul_server.metric_total("kvmul_fresh_pause_weight")
+    if inverse0 is not None:  # the earlier tests' outputs were enough to weigh: exact
+        inverse = inverse0 + sum(1 / (o - 1) for o in outputs)
+        assert weight == pytest.approx(max(1.0, (mean - 1) * inverse / n))
+    assert weight > 1.5  # 2- and 24-token outputs: a pause costs a fresh request's TPOT far more
+
+
 def test_chunked_prefill_and_logprob_cap_are_predicted_exactly(kvmul_server):
     """A prompt longer than the chunked-prefill budget (4096) is prefilled in chunks; a logprob
     request caps reuse at logprob_start_len. The prediction must equal SGLang's report for both."""

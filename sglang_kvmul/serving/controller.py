@@ -86,6 +86,7 @@ class KvmulDataParallelController(DataParallelController):
             dynamo_events=dynamo_events,
             rule=rule_by_name(settings.policy),
             chunk_tokens=int(chunk) if chunk and chunk > 0 else 0,  # None or <= 0: chunking off
+            mixed_chunk=bool(get_schedule().enable_mixed_chunk),
         )
         streams = self._event_streams(server_args, num_ranks, page_size)
         self.kvmul = KvmulDispatcher(

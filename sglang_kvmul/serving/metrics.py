@@ -86,6 +86,9 @@ class KvmulCollector(Collector):
             ("decode_batch_mean", dc.batch_mean, "Measured requests per decode step, all ranks"),
             ("decode_output_tokens", dc.output_tokens, "One output's duration on the clock, in prefill tokens"),
             ("prefill_chunk_tokens", r.chunk_tokens, "The ranks' chunked_prefill_size the rules bound by (0: off)"),
+            ("outputs_measured", r.output_spread.finished, "Finished requests with 2+ output tokens, all ranks"),
+            ("output_mean", r.output_spread.output_mean, "Their mean output, tokens"),
+            ("fresh_pause_weight", r.output_spread.fresh_pause_weight, "What pausing a fresh request costs its TPOT"),
         ):
             yield GaugeMetricFamily(f"kvmul_{name}", text, value=value)
         trips = CounterMetricFamily(

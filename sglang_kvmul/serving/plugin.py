@@ -15,6 +15,7 @@ import typing
 from sglang_kvmul import METHOD_NAME
 
 _DPC_MODULE = "sglang.srt.managers.data_parallel_controller"
+_SCHEDULER_MODULE = "sglang.srt.managers.scheduler"
 
 
 def _add_cli_choice() -> None:
@@ -56,10 +57,12 @@ def register() -> None:
 
     _add_cli_choice()
     _mark_load_aware()
-    from sglang_kvmul.serving import event_privacy, event_registration
+    from sglang_kvmul.serving import event_privacy, event_registration, fresh_outputs
 
     event_privacy.install_from_env()  # in every process; only schedulers create publishers
     event_registration.install()
+    if _SCHEDULER_MODULE in sys.modules:  # a scheduler's process (spawned: it imported the module first)
+        fresh_outputs.install()
     if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":  # CPU only (set by cpu_compat.cpu_env)
         from sglang_kvmul.cpu_compat import attention
 
