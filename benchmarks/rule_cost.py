@@ -3,6 +3,7 @@ default and the rules it builds on, interleaved in one process so that each term
 ratio measured side by side (this machine is shared and noisy).
 
 Every rank busy and reported: capacities, a measured decode cost, mean batch and output duration,
+requests waiting and just prefilled with outputs measured to spread (the default's fresh term runs),
 a prefill chunk shorter than the prompt, some ranks' pools short of room for the prompt (about
 one in six), and the longest hit a shared stem, so the default's decode, turnover, chunk, room and
 stem-gate terms all run.
@@ -29,6 +30,7 @@ RULES = list(
     dict.fromkeys(
         [
             DEFAULT_RULE,
+            "marginal_behind_held",
             "marginal_shared",
             "marginal_behind",
             "marginal_room_timed",
@@ -55,6 +57,8 @@ def busy_view(n: int, prompt: int, rng: random.Random) -> RankView:
         queued=[rng.randrange(0, 200_000) for _ in range(n)],
         running=[rng.randrange(1, 60) for _ in range(n)],
         waiting=[rng.randrange(0, 5) for _ in range(n)],
+        fresh=[rng.randrange(0, 5) for _ in range(n)],  # requests just prefilled: the default's fresh term runs
+        fresh_pause_weight=4.0,
         kv_tokens=[rng.randrange(0, 2_400_000) for _ in range(n)],  # above 1,967,232: short of room
         page_size=16,
         max_running=[64] * n,

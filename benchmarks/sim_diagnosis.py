@@ -53,6 +53,7 @@ CANDIDATES = list(
     dict.fromkeys(
         [
             DEFAULT_RULE,
+            "marginal_fresh",
             "marginal_behind",
             "marginal_behind_held",
             "marginal_room_timed",

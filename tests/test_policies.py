@@ -430,3 +430,28 @@ def test_marginal_behind_held_does_not_count_kv_waiters_against_the_rank_holding
     assert rule.costs(roomy) == behind.costs(roomy) and rule.choose(roomy, 0).rank == 1
     thin = dataclasses.replace(turn, cached=[8_000, 0])  # 8k held: less than a chunk
     assert rule.costs(thin) == pytest.approx(behind.costs(thin))
+
+
+def test_marginal_fresh_prices_a_pause_on_requests_not_yet_decoding_by_the_outputs_spread():
+    """A 20k-token prompt cached nowhere. Rank 0's queue has just drained: 6 running, 4 of them just
+    prefilled (fresh); rank 1 is still prefilling (9k queued, 1 waiting) and its 6 running have decoded
+    a while. `marginal_behind_held` takes the drained rank (20k * 7 = 140k against 9k + 20k * 9 = 189k).
+    With outputs whose spread makes a pause on a fresh request cost 3x (the measured weight), each
+    uncached token also costs 2 x (fresh + waiting): 140k + 2 * 20k * 4 = 300k on rank 0 against 189k
+    + 2 * 20k * 1 = 229k on rank 1, where the one waiting request will be fresh when the prompt's
+    prefill runs behind it. With outputs alike (weight 1), no fresh counts reported, or mixed chunks
+    (a prefill step pauses no decode), it is `marginal_behind_held` exactly."""
+    cold = dataclasses.replace(
+        view(cached=(0, 0), queued=(0, 9_000), running=(6, 6), waiting=(0, 1), prompt=20_000),
+        fresh=[4, 0],
+        fresh_pause_weight=3.0,
+    )
+    held, rule = rule_by_name("marginal_behind_held"), rule_by_name("marginal_fresh")
+    assert held.costs(cold) == pytest.approx([140_000, 189_000]) and held.choose(cold, 0).rank == 0
+    assert rule.costs(cold) == pytest.approx([300_000, 229_000]) and rule.choose(cold, 0).rank == 1
+    alike, unreported = dataclasses.replace(cold, fresh_pause_weight=1.0), dataclasses.replace(cold, fresh=())
+    for plain in (alike, unreported, dataclasses.replace(cold, mixed_chunk=True)):
+        assert rule.costs(plain) == held.costs(plain) and rule.choose(plain, 0).rank == 0
+    # on ranks that measure different speeds the premium is in each rank's time, as every other term
+    timed = dataclasses.replace(cold, rank_slowdown=[0.5, 1.5])
+    assert rule.costs(timed) == pytest.approx([(140_000 + 160_000) * 0.5, (189_000 + 40_000) * 1.5])

@@ -34,7 +34,7 @@ __all__ = [
 
 # The rule `--load-balance-method kvmul` routes with unless `--kvmul-policy` names another (issue #14:
 # `benchmarks/results/sim/sim_tally.md`); the paper's product stays selectable as `kvmul`.
-DEFAULT_RULE = "marginal_behind_held"
+DEFAULT_RULE = "marginal_fresh"
 
 
 class CostRule:
@@ -633,8 +633,8 @@ class MarginalBehindHeld(MarginalBehind):
     Mooncake's multi-turn prompts held on a rank kept its waiting count unpriced. Judged at 1, 2 and 3 ms
     event delays on the ten points it and `marginal_shared` split (`sim_nuisance_held.md`): 7 met at most
     delays against 6 (+4 / -3); its losses that hold are KV pressure with mixed chunks seed 0 and P99 at
-    half efficiency (Mooncake 7B 1.04-1.13, the 12x sweep 1.01-1.03 over the gate). The default since
-    stop 40 (README, "The default rule"); on the real CPU server's Mooncake overload it tied
+    half efficiency (Mooncake 7B 1.04-1.13, the 12x sweep 1.01-1.03 over the gate). The default of
+    stops 40-41 (`marginal_fresh` since); on the real CPU server's Mooncake overload it tied
     `marginal_shared` (1,378 against 1,401 ms mean TTFT, repetitions 1,104-1,734)."""
 
     name = "marginal_behind_held"
@@ -644,6 +644,51 @@ class MarginalBehindHeld(MarginalBehind):
         if not chunk or not any(view.kv_excess):
             return view.waiting
         return [0 if c >= chunk else w for c, w in zip(view.cached, view.waiting, strict=True)]
+
+
+class MarginalFresh(MarginalBehindHeld):
+    """`marginal_behind_held` with the pause of a request that has not decoded yet priced in its TPOT.
+    Each uncached token also costs (w - 1) x (fresh + waiting) on its rank: `fresh`, the rank's running
+    requests that have not decoded past their first token, and its waiting ones, which will not have
+    when this prefill runs behind them (with mixed chunks off no decode step runs while a rank has
+    prefill it can start); w, how much more of its TPOT a pause costs such a request than one of the
+    mean output (`decode_cost.PooledOutputSpread`: (Obar - 1) x E[1 / (O - 1)] over the finished
+    outputs). The pause term counts a pause once per paused request whatever the request: right for
+    their end-to-end latency, not for their TPOT, a mean over requests in which a pause of t costs t /
+    (O - 1). A request that has decoded a while is more likely a long one (it has lasted); a fresh one
+    is any, often a few tokens whose TPOT one pause makes. Where outputs are alike w is 1 and this is
+    `marginal_behind_held` exactly, as it is until the outputs are measured, where the schedulers do
+    not report them (SGLang without this package's hook), and with mixed chunks (decodes go on inside
+    prefill steps: no request is paused). No constant: the outputs and the counts are the fleet's own.
+
+    What it addresses: the TPOT the sum of latencies cannot see. Without mixed chunks a prefill pauses
+    its rank's decodes, and the marginal rules sent the next cold prompt where a queue had just
+    drained, which is where the requests just prefilled start to decode. On a public Mooncake-format
+    trace the rules were not developed on, with many few-token answers (Mooncake's synthetic trace,
+    held out: `sim_heldout.md`), at 8x seed 0 the 1,327 of 3,989 requests with fewer than 20 output
+    tokens made 80% of `marginal_behind_held`'s mean TPOT: it stalled them 711 ms each against alpha
+    0.5's 405, and its mean TPOT was 1.43x the best baseline's (the 12x sweep: 2.50x, 4,412 against
+    1,711 ms). This rule: 314 and 1,515 ms, mean TPOT 0.94x and 0.88x, mean TTFT 0.69x / 0.67x, P99
+    0.67x / 0.62x. Over that trace's 9 points it meets the bar on 5 (Mooncake 8x and the 12x sweep, 3
+    seeds each; the 12x seed 1 at TPOT 1.05x, just past), `marginal_behind_held` and the product on
+    none; on the 4x sweep only Dynamo's rule meets it (2 of 3) and this rule is worse on 2 seeds
+    (TPOT 1.25x / 2.05x against 1.12x / 1.54x). Over the 88 simulated points (`sim_tally.md`) it
+    meets 55 as `marginal_behind_held` does, +4 / -4: two points no rule met before (Mooncake 8x seed
+    1, TPOT 1.10 -> 0.94 over the gate; the 4x sweep at half efficiency, 1.25 -> 1.00), the 12x sweep
+    seed 2 and at half efficiency; it loses KV pressure seed 1 (mean TTFT 0.89 -> 1.06 over the
+    gate), the 4x sweep seed 2 (TPOT 0.97 -> 1.04), and P99 on agentic 7B at double efficiency and
+    the 16x sweep at half efficiency (1.04, 1.003). The default since stop 42."""
+
+    name = "marginal_fresh"
+
+    def costs(self, view: RankView) -> list[float]:
+        costs = super().costs(view)
+        extra, fresh = view.fresh_pause_weight - 1.0, view.fresh
+        if extra <= 0.0 or not fresh or view.mixed_chunk:  # mixed chunks: a prefill pauses no decode
+            return costs
+        young = list(map(add, fresh, view.waiting))
+        slow = view.rank_slowdown or [1.0] * len(young)  # in each rank's time, as every other term of it
+        return [c + extra * u * y * s for c, u, y, s in zip(costs, view.uncached, young, slow, strict=True)]
 
 
 def kv_room_wait(horizon: float, excess: int, kv: int, cap: int, queued: int) -> float | None:
@@ -887,6 +932,11 @@ REGISTRY: dict[str, RuleSpec] = {
             "marginal_behind_held",
             "marginal_behind, with pools short not counting the waiters on a rank holding the request's chunk",
             _plain(MarginalBehindHeld),
+        ),
+        RuleSpec(
+            "marginal_fresh",
+            "marginal_behind_held, pausing a request not yet decoding priced in its TPOT",
+            _plain(MarginalFresh),
         ),
         RuleSpec("kvmul_excess", "the product on queues in excess of the shortest", _plain(KvmulExcess)),
         RuleSpec("cache_only", "most cached tokens (pure affinity)", _plain(CacheOnly)),
