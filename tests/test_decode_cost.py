@@ -142,7 +142,7 @@ def test_output_spread_weighs_a_fresh_requests_pause_by_the_finished_outputs():
     assert spread.fresh_pause_weight == pytest.approx((52 - 1) * ((1 / 2 + 1 / 100) / 2 + 1 / 51) / 2)
     spread.update(0, ())
     spread.update(1, ())  # ranks that stop reporting (SGLang without the hook): no stale weight
-    assert spread.fresh_pause_weight == 1.0 and spread.finished == 0
+    assert spread.fresh_pause_weight == 1.0 and spread.finished == 0 and spread.inverse_mean == 0.0
 
 
 def test_the_ledger_reads_fresh_requests_and_finished_outputs_past_sglangs_six_sums():

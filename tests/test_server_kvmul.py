@@ -149,28 +149,29 @@ def test_measured_decode_costs_are_exported(kvmul_server):
 def test_finished_outputs_reach_the_router_each_counted_once(kvmul_server):
     """Each scheduler counts its finished outputs (`serving.fresh_outputs`, appended to SGLang's load
     snapshot); the router pools them into `marginal_fresh`'s weight, (Obar - 1) x E[1 / (O - 1)].
-    Requests of 2 and 24 output tokens: the pooled count, mean and weight move exactly by theirs."""
-    n0 = kvmul_server.metric_total("kvmul_outputs_measured")
-    mean0 = kvmul_server.metric_total("kvmul_output_mean")
-    inverse0 = kvmul_server.metric_total("kvmul_fresh_pause_weight") * n0 / (mean0 - 1) if n0 >= 32 else None
+    Requests of 2 and 24 output tokens: the pooled count, mean and mean inverse move exactly by
+    theirs, and the weight is the formula's over everything served."""
+    names = ("outputs_measured", "output_mean", "output_inverse_mean")
+    before = {k: kvmul_server.metric_total(f"kvmul_{k}") for k in names}
     rng = random.Random(11)
     outputs = [2, 24] * 20
     for i, out in enumerate(outputs):
         resp = kvmul_server.generate(ids(rng, 40), rid=f"outputs-{i}", max_new_tokens=out)
         assert resp.status_code == 200 and resp.json()["meta_info"]["completion_tokens"] == out
+    n0 = before["outputs_measured"]
     n = n0 + len(outputs)
     deadline = time.monotonic() + 30
     while kvmul_server.metric_total("kvmul_outputs_measured") < n:  # snapshots arrive on their own
         assert time.monotonic() < deadline, "the finished outputs never reached the router"
         time.sleep(0.2)  # polling interval
     assert kvmul_server.metric_total("kvmul_outputs_measured") == n  # none counted twice
-    mean = (mean0 * n0 + sum(outputs)) / n
+    mean = (before["output_mean"] * n0 + sum(outputs)) / n
+    inverse = (before["output_inverse_mean"] * n0 + sum(1 / (o - 1) for o in outputs)) / n
     assert kvmul_server.metric_total("kvmul_output_mean") == pytest.approx(mean)
+    assert kvmul_server.metric_total("kvmul_output_inverse_mean") == pytest.approx(inverse)
+    # n >= 40 >= MIN_FINISHED_FOR_SPREAD: the weight is measured, and far above 1 with 2- and 24-token outputs
     weight = kvmul_server.metric_total("kvmul_fresh_pause_weight")
-    if inverse0 is not None:  # the earlier tests' outputs were enough to weigh: exact
-        inverse = inverse0 + sum(1 / (o - 1) for o in outputs)
-        assert weight == pytest.approx(max(1.0, (mean - 1) * inverse / n))
-    assert weight > 1.5  # 2- and 24-token outputs: a pause costs a fresh request's TPOT far more
+    assert weight == pytest.approx(max(1.0, (mean - 1) * inverse)) and weight > 1.5
 
 
 def test_chunked_prefill_and_logprob_cap_are_predicted_exactly(kvmul_server):

@@ -31,6 +31,23 @@ from sglang_kvmul.core.tunables import (
 _EMPTY = (0.0,) * 5
 
 
+class PooledRows:
+    """Each rank's latest cumulative figures and their sums over the ranks, kept by difference: a
+    rank's snapshot costs O(figures), not O(ranks)."""
+
+    def __init__(self, num_ranks: int, width: int) -> None:
+        self.rows: list[tuple[float, ...]] = [(0.0,) * width] * num_ranks
+        self.totals = [0.0] * width
+
+    def set(self, rank: int, row: tuple[float, ...]) -> list[float]:
+        """Replace `rank`'s figures; returns the sums over the ranks (the live list: read, do not keep)."""
+        old, self.rows[rank] = self.rows[rank], row
+        totals = self.totals
+        for i, (new, was) in enumerate(zip(row, old, strict=True)):
+            totals[i] += new - was
+        return totals
+
+
 def step_slope_us(n: float, sb: float, st: float, sbb: float, sbt: float) -> float:
     """Least-squares slope of decode step time (us) on batch size; 0.0 when the batches did not vary
     (no slope can be told from one batch size) or the fit is negative (noise: a larger batch is not
@@ -47,8 +64,7 @@ class PooledDecodeCost:
 
     def __init__(self, num_ranks: int) -> None:
         # per rank: the five moment sums, prefill busy us, prefilled tokens, requests past prefill
-        self._rows: list[tuple[float, ...]] = [(0.0,) * 8] * num_ranks
-        self._totals = [0.0] * 8  # their sums, kept by difference: a snapshot costs O(1), not O(ranks)
+        self._pool = PooledRows(num_ranks, 8)
         self.steps = 0.0  # decode steps measured, all ranks
         self.slope_us = 0.0  # per request per decode step
         self.prefill_us_per_token = 0.0
@@ -63,10 +79,7 @@ class PooledDecodeCost:
         """One rank's cumulative figures as of its last snapshot. (SGLang's sums are of integers:
         kept by difference they stay exact far beyond any run's totals.)"""
         row = (*(moments[:5] if len(moments) >= 5 else _EMPTY), busy_us, tokens, decoders)
-        old, self._rows[rank] = self._rows[rank], row
-        totals = self._totals
-        for i in range(8):
-            totals[i] += row[i] - old[i]
+        totals = self._pool.set(rank, row)
         sums, busy, prefilled, decoders_all = totals[:5], totals[5], totals[6], totals[7]
         self.steps = sums[0]
         if sums[0] < MIN_DECODE_STEPS_FOR_SLOPE or prefilled < MIN_TOKENS_FOR_SPEED or not decoders_all or not busy:
@@ -97,7 +110,7 @@ class PooledDecodeCost:
         (empty: not measured, or within SPEED_SPREAD; a new list on each change, never mutated).
         Computed on the first read after a snapshot changed it, so a snapshot stays O(1)."""
         if self._slowdown is None:
-            self._slowdown = self._rank_slowdown(self._totals[:5])
+            self._slowdown = self._rank_slowdown(self._pool.totals[:5])
         return self._slowdown
 
     def _rank_slowdown(self, sums: Sequence[float]) -> list[float]:
@@ -115,7 +128,7 @@ class PooledDecodeCost:
         intercept = (st - slope * sb) / n
         decode: list[float | None] = []
         prefill: list[float | None] = []
-        for row in self._rows:
+        for row in self._pool.rows:
             predicted = intercept * row[0] + slope * row[1]
             decode.append(row[2] / predicted if row[0] >= MIN_DECODE_STEPS_FOR_SLOPE and predicted > 0 else None)
             prefill.append(row[5] / row[6] if row[6] >= MIN_TOKENS_FOR_SPEED and row[5] > 0 else None)
@@ -138,26 +151,22 @@ class PooledOutputSpread:
     outputs are those the fleet served."""
 
     def __init__(self, num_ranks: int) -> None:
-        self._rows: list[tuple[float, ...]] = [(0.0, 0.0, 0.0)] * num_ranks  # per rank: count, sum O, sum 1/(O-1)
-        self._totals = [0.0, 0.0, 0.0]  # kept by difference, as `PooledDecodeCost` keeps its sums
+        self._pool = PooledRows(num_ranks, 3)  # per rank: count, sum O, sum 1/(O-1)
         self.finished = 0.0  # finished requests with two or more output tokens, all ranks
         self.output_mean = 0.0  # their mean output (0.0: none)
+        self.inverse_mean = 0.0  # their mean 1 / (output - 1) (0.0: none)
         self.fresh_pause_weight = 1.0  # 1.0 until MIN_FINISHED_FOR_SPREAD outputs are measured
 
     def update(self, rank: int, finished: Sequence[float]) -> None:
         """One rank's cumulative (count, sum of outputs, sum of 1 / (output - 1)) as of its last snapshot
         (empty: not reported, as from SGLang without this package's hook)."""
-        row = tuple(finished) if len(finished) == 3 else (0.0, 0.0, 0.0)
-        old, self._rows[rank] = self._rows[rank], row
-        totals = self._totals
-        for i in range(3):
-            totals[i] += row[i] - old[i]
-        n, outputs, inverse = totals
-        self.finished, self.output_mean = n, outputs / n if n > 0 else 0.0
+        n, outputs, inverse = self._pool.set(rank, tuple(finished) if len(finished) == 3 else (0.0, 0.0, 0.0))
+        self.finished = n
+        self.output_mean, self.inverse_mean = (outputs / n, inverse / n) if n > 0 else (0.0, 0.0)
         if n < MIN_FINISHED_FOR_SPREAD:
             self.fresh_pause_weight = 1.0
             return
-        self.fresh_pause_weight = max(1.0, (self.output_mean - 1.0) * (inverse / n))
+        self.fresh_pause_weight = max(1.0, (self.output_mean - 1.0) * self.inverse_mean)
 
 
 def _over_mean(xs: list[float | None]) -> list[float | None]:

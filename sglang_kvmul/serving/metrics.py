@@ -88,6 +88,7 @@ class KvmulCollector(Collector):
             ("prefill_chunk_tokens", r.chunk_tokens, "The ranks' chunked_prefill_size the rules bound by (0: off)"),
             ("outputs_measured", r.output_spread.finished, "Finished requests with 2+ output tokens, all ranks"),
             ("output_mean", r.output_spread.output_mean, "Their mean output, tokens"),
+            ("output_inverse_mean", r.output_spread.inverse_mean, "Their mean 1 / (output - 1)"),
             ("fresh_pause_weight", r.output_spread.fresh_pause_weight, "What pausing a fresh request costs its TPOT"),
         ):
             yield GaugeMetricFamily(f"kvmul_{name}", text, value=value)
